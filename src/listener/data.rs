@@ -1,0 +1,175 @@
+//! The DATA verb: read the message, add `Received:`, decide per recipient, queue durably and
+//! record `message.received`, and only then reply 250.
+
+use chrono::Utc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::audit::{AuditEvent, RecipientDecision};
+use crate::ids::MessageId;
+use crate::policy::MessageFacts;
+use crate::queue::{Envelope, NewRecipient};
+use crate::smtp::{domain_of, replies, Reply};
+
+use super::io::{DataProblem, DataSink, End};
+use super::session::{Next, Session, Transaction};
+use super::Conn;
+
+impl Session {
+    pub(super) async fn data<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+    ) -> Option<Next> {
+        let Some(tx) = self.tx.as_ref() else {
+            conn.reply(&replies::NEED_MAIL);
+            return None;
+        };
+        if tx.recipients.is_empty() {
+            conn.reply(&replies::NO_VALID_RECIPIENTS);
+            return None;
+        }
+        let id = MessageId::generate();
+        let header = self.received_header(&id, tx);
+        let header_len = header.len();
+        let limits = &self.ctx.limits;
+        let mut body = Vec::with_capacity(header_len + 16 * 1024);
+        body.extend_from_slice(header.as_bytes());
+        let mut sink = DataSink::new(body, limits.max_message_size as usize, limits.max_data_line);
+        conn.reply(&replies::START_DATA);
+        let read = conn.read_data(&mut sink, limits.data_timeout).await;
+        let tx = self.tx.take()?;
+        if let Err(end) = read {
+            return Some(self.data_interrupted(conn, end, tx).await);
+        }
+        if let Some(problem) = sink.problem {
+            let reply = problem_reply(problem);
+            self.reject(conn, "data", &reply, Some(tx.sender), None)
+                .await;
+            return None;
+        }
+        self.accept(conn, id, tx, sink.body, header_len).await;
+        None
+    }
+
+    async fn data_interrupted<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        end: End,
+        tx: Transaction,
+    ) -> Next {
+        let reply = match end {
+            End::Timeout => replies::TIMEOUT,
+            _ => Reply::new(421, "4.4.2", "Connection lost during DATA"),
+        };
+        self.reject(conn, "data", &reply, Some(tx.sender), None)
+            .await;
+        let _ = conn.flush().await;
+        Next::Close
+    }
+
+    async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        id: MessageId,
+        tx: Transaction,
+        body: Vec<u8>,
+        header_len: usize,
+    ) {
+        let message_id = message_id_header(&body[header_len..]);
+        let recipients: Vec<NewRecipient> = tx
+            .recipients
+            .iter()
+            .map(|address| NewRecipient {
+                address: address.clone(),
+                domain: domain_of(address).unwrap_or_default(),
+                decision: self.ctx.policy.decide(&MessageFacts {
+                    sender: &tx.sender,
+                    recipient: address,
+                }),
+            })
+            .collect();
+        let event = AuditEvent::MessageReceived {
+            queue_id: id.clone(),
+            session: self.id,
+            sender: tx.sender.clone(),
+            recipients: recipients
+                .iter()
+                .map(|r| RecipientDecision {
+                    address: r.address.clone(),
+                    mode: r.decision.mode,
+                    rule: r.decision.rule.clone(),
+                })
+                .collect(),
+            size: body.len() as u64,
+            client_ip: self.peer.ip(),
+            auth_user: self.auth_user.clone(),
+            message_id: message_id.clone(),
+            tls: self
+                .tls
+                .as_ref()
+                .map(|t| format!("{} {}", t.version, t.cipher)),
+        };
+        let envelope = Envelope {
+            id: id.clone(),
+            received_at: Utc::now(),
+            sender: tx.sender.clone(),
+            recipients,
+            client_ip: self.peer.ip(),
+            auth_user: self.auth_user.clone(),
+            message_id_header: message_id,
+            size: body.len() as u64,
+        };
+        let ctx = self.ctx.clone();
+        let (queued, audited) =
+            tokio::join!(ctx.queue.enqueue(envelope, body), ctx.audit.record(event));
+        match (queued, audited) {
+            (Ok(()), Ok(_)) => {
+                conn.reply(&Reply::owned(250, "2.0.0", format!("Ok: queued as {id}")))
+            }
+            (queued, audited) => {
+                tracing::error!(queue_id = %id, queue = ?queued.err(), audit = ?audited.err(), "message not acknowledged");
+                self.reject(conn, "queue", &replies::NOT_QUEUED, Some(tx.sender), None)
+                    .await;
+            }
+        }
+    }
+
+    /// `Received:` per RFC 5321 §4.4 with the RFC 3848 protocol name and the inbound TLS facts.
+    fn received_header(&self, id: &MessageId, tx: &Transaction) -> String {
+        let protocol = match (self.esmtp, self.tls.is_some(), self.auth_user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let helo = self.helo.as_deref().unwrap_or("unknown");
+        let tls = match &self.tls {
+            Some(t) => format!("\r\n\t(using {} with cipher {})", t.version, t.cipher),
+            None => String::new(),
+        };
+        let rcpt = match tx.recipients.as_slice() {
+            [one] => format!("\r\n\tfor <{one}>"),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ([{ip}]){tls}\r\n\tby {host} (sealpost) with {protocol} id {id}{rcpt};\r\n\t{date}\r\n",
+            ip = self.peer.ip(),
+            host = self.ctx.hostname,
+            date = Utc::now().to_rfc2822(),
+        )
+    }
+}
+
+fn problem_reply(problem: DataProblem) -> Reply {
+    match problem {
+        DataProblem::BareLineEnd => replies::DATA_BARE_LF,
+        DataProblem::TooBig => replies::MESSAGE_TOO_BIG,
+        DataProblem::LineTooLong => replies::DATA_LINE_TOO_LONG,
+    }
+}
+
+/// The `Message-ID:` header of the message, if any (headers only are parsed).
+fn message_id_header(message: &[u8]) -> Option<String> {
+    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+    parsed.message_id().map(|s| s.to_string())
+}

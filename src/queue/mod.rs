@@ -1,0 +1,201 @@
+//! The queue: the only owner of persistent state.
+//!
+//! [`Store`] is the storage seam (SQLite now, PostgreSQL later; nothing in it assumes SQLite).
+//! [`Queue`] sits in front of it and seals bodies with the [`keys::KeyRing`] before they reach
+//! any store, so no store ever sees plaintext.
+
+pub mod keys;
+pub mod sqlite;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::ids::MessageId;
+use crate::policy::Decision;
+
+pub use keys::{KeyError, KeyRing};
+
+/// Errors of the queue and its stores.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The database refused or failed; the message was not stored.
+    #[error("queue database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Schema migration failed at start.
+    #[error("queue migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Creating the data directory or database file failed.
+    #[error("queue storage {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sealing or opening a body failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A stored row could not be understood (e.g. an unknown decision).
+    #[error("queue row for {id}: {reason}")]
+    Corrupt { id: String, reason: String },
+    /// The store's writer has stopped (shutting down).
+    #[error("queue is shut down")]
+    Closed,
+}
+
+/// One recipient as accepted at intake.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewRecipient {
+    pub address: String,
+    /// Lower-cased domain part.
+    pub domain: String,
+    pub decision: Decision,
+}
+
+/// Envelope and facts of a message accepted at intake.
+#[derive(Debug, Clone, Serialize)]
+pub struct Envelope {
+    pub id: MessageId,
+    pub received_at: DateTime<Utc>,
+    /// Envelope sender; empty for the null reverse-path `<>`.
+    pub sender: String,
+    pub recipients: Vec<NewRecipient>,
+    pub client_ip: IpAddr,
+    pub auth_user: Option<String>,
+    /// The `Message-ID:` header, when present.
+    pub message_id_header: Option<String>,
+    /// Plaintext size in bytes.
+    pub size: u64,
+}
+
+/// A body sealed with AES-256-GCM.
+#[derive(Debug, Clone)]
+pub struct SealedBody {
+    pub key_id: String,
+    /// 12-byte nonce, unique per message.
+    pub nonce: [u8; 12],
+    /// Ciphertext followed by the 16-byte tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Delivery status of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientStatus {
+    Queued,
+    Delivered,
+    Deferred,
+    Failed,
+    Dropped,
+    Escalated,
+}
+
+impl RecipientStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipientStatus::Queued => "queued",
+            RecipientStatus::Delivered => "delivered",
+            RecipientStatus::Deferred => "deferred",
+            RecipientStatus::Failed => "failed",
+            RecipientStatus::Dropped => "dropped",
+            RecipientStatus::Escalated => "escalated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => RecipientStatus::Queued,
+            "delivered" => RecipientStatus::Delivered,
+            "deferred" => RecipientStatus::Deferred,
+            "failed" => RecipientStatus::Failed,
+            "dropped" => RecipientStatus::Dropped,
+            "escalated" => RecipientStatus::Escalated,
+            _ => return None,
+        })
+    }
+}
+
+/// One recipient row as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredRecipient {
+    pub address: String,
+    pub domain: String,
+    pub decision: Decision,
+    pub status: RecipientStatus,
+    pub attempts: u32,
+    pub next_attempt: Option<DateTime<Utc>>,
+    pub last_reply: Option<String>,
+}
+
+/// A message as stored: envelope, recipients with their state, and the sealed body.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    pub received_at: DateTime<Utc>,
+    pub sender: String,
+    pub client_ip: String,
+    pub auth_user: Option<String>,
+    pub message_id_header: Option<String>,
+    pub size: u64,
+    pub key_id: String,
+    pub recipients: Vec<StoredRecipient>,
+    #[serde(skip)]
+    pub body: Option<SealedBody>,
+}
+
+/// The storage seam. Every method is a complete, durable operation.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a message and its recipients. Returns only after the transaction holding it is
+    /// committed and on stable storage; stores may commit many messages together.
+    async fn insert(&self, envelope: Envelope, body: SealedBody) -> Result<(), QueueError>;
+    /// All messages with their recipients, oldest first, without bodies.
+    async fn list(&self) -> Result<Vec<StoredMessage>, QueueError>;
+    /// One message with its recipients and sealed body.
+    async fn get(&self, id: &MessageId) -> Result<Option<StoredMessage>, QueueError>;
+    /// Finishes pending commits and stops background work.
+    async fn close(&self);
+}
+
+/// The queue: seals bodies, then hands them to the store.
+#[derive(Clone)]
+pub struct Queue {
+    store: Arc<dyn Store>,
+    keys: Arc<KeyRing>,
+}
+
+impl Queue {
+    pub fn new(store: Arc<dyn Store>, keys: Arc<KeyRing>) -> Queue {
+        Queue { store, keys }
+    }
+
+    /// Seals `body` (in place, no copy) and stores the message durably.
+    pub async fn enqueue(&self, envelope: Envelope, body: Vec<u8>) -> Result<(), QueueError> {
+        let sealed = self.keys.seal(&envelope.id, body)?;
+        self.store.insert(envelope, sealed).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<StoredMessage>, QueueError> {
+        self.store.list().await
+    }
+
+    pub async fn get(&self, id: &MessageId) -> Result<Option<StoredMessage>, QueueError> {
+        self.store.get(id).await
+    }
+
+    /// Decrypts a stored message's body.
+    pub fn open_body(&self, message: &StoredMessage) -> Result<Vec<u8>, QueueError> {
+        let body = message.body.clone().ok_or_else(|| QueueError::Corrupt {
+            id: message.id.to_string(),
+            reason: "no body stored".to_string(),
+        })?;
+        Ok(self.keys.open(&message.id, body)?)
+    }
+
+    pub async fn close(&self) {
+        self.store.close().await
+    }
+}

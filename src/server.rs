@@ -1,0 +1,123 @@
+//! `sealpost serve`: open the keys, audit log and queue, bind the listeners, run until told to
+//! stop, then drain.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::audit::{AuditError, AuditEvent, AuditLog};
+use crate::config::Loaded;
+use crate::listener::{self, auth, tls, Context, Listeners};
+use crate::policy::Policy;
+use crate::queue::sqlite::SqliteStore;
+use crate::queue::{KeyError, KeyRing, Queue, QueueError};
+use crate::shutdown::Shutdown;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+}
+
+/// Runs the relay until `stop` completes. `on_ready` receives the bound addresses (tests and
+/// the CLI print them; port 0 in the config picks free ports).
+pub async fn serve(
+    loaded: Loaded,
+    stop: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&[String]),
+) -> Result<(), ServeError> {
+    let cfg = &loaded.config;
+    tls::install_crypto_provider();
+    create_dir(&cfg.server.data_dir)?;
+    for path in [&cfg.queue.path, &cfg.audit.path] {
+        if let Some(parent) = path.parent() {
+            create_dir(parent)?;
+        }
+    }
+    let (keys, created) = KeyRing::load(&cfg.encryption)?;
+    let audit = AuditLog::open(&cfg.audit.path).await?;
+    for (key_id, path) in created {
+        audit
+            .record(AuditEvent::KeyCreated {
+                key_id,
+                path: path.display().to_string(),
+            })
+            .await?;
+    }
+    let store = SqliteStore::open(&cfg.queue.path, cfg.queue.max_batch).await?;
+    let queue = Queue::new(Arc::new(store), Arc::new(keys));
+    let acceptor = tls::acceptor(&cfg.tls, &cfg.server.hostname)?;
+    let listeners = Listeners::bind(&cfg.listeners, acceptor.is_some()).await?;
+    let addresses = listeners.addresses();
+    audit
+        .record(AuditEvent::ServiceStarted {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config_sha256: loaded.config_sha256.clone(),
+            policy_sha256: loaded.policy_sha256.clone(),
+            listeners: addresses.clone(),
+        })
+        .await?;
+    let ctx = Arc::new(Context {
+        hostname: cfg.server.hostname.clone(),
+        limits: cfg.limits.clone(),
+        tls: acceptor,
+        trusted: cfg.relay.trusted_networks.clone(),
+        users: auth::Users::new(&cfg.auth.users),
+        throttle: auth::Throttle::new(cfg.auth.max_failures, cfg.auth.lockout),
+        policy: Policy::compile(&loaded.policy),
+        queue: queue.clone(),
+        audit: audit.clone(),
+    });
+    let shutdown = Shutdown::new();
+    let accepting = tokio::spawn(listeners.run(ctx, shutdown.signal(), shutdown.guard()));
+    on_ready(&addresses);
+    stop.await;
+    tracing::info!("shutting down: no new connections; waiting for sessions in DATA");
+    let drained = shutdown.drain(cfg.server.shutdown_grace).await;
+    accepting.abort();
+    let reason = if drained {
+        "signal; all sessions finished"
+    } else {
+        "signal; grace period over, unfinished sessions closed (nothing unacknowledged was kept)"
+    };
+    let stopped = audit
+        .record(AuditEvent::ServiceStopped {
+            reason: reason.to_string(),
+        })
+        .await;
+    queue.close().await;
+    audit.close().await;
+    stopped?;
+    Ok(())
+}
+
+/// Creates a directory (and parents) readable only by the service user.
+fn create_dir(path: &Path) -> Result<(), ServeError> {
+    if path.as_os_str().is_empty() || path.exists() {
+        return Ok(());
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| ServeError::DataDir {
+            path: path.display().to_string(),
+            source,
+        })
+}
