@@ -184,3 +184,22 @@ fn audit_verify_names_the_tampered_line() {
         );
     }
 }
+
+#[test]
+fn serve_refuses_a_key_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = common::TestCert::localhost();
+    common::write_config(dir.path(), &common::Options::default(), &cert);
+    std::fs::create_dir_all(dir.path().join("data/keys")).unwrap();
+    assert!(run(dir.path(), &["keygen", "data/keys/k1.key"])
+        .status
+        .success());
+    let key = dir.path().join("data/keys/k1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(dir.path(), &["serve", "--config", "sealpost.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("readable by group or others"), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+}

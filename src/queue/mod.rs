@@ -41,6 +41,12 @@ pub enum QueueError {
     /// A stored row could not be understood (e.g. an unknown decision).
     #[error("queue row for {id}: {reason}")]
     Corrupt { id: String, reason: String },
+    /// A group commit failed; none of its `count` messages were stored.
+    #[error("queue transaction of {count} message(s) rolled back, none stored: {cause}")]
+    Batch {
+        count: usize,
+        cause: Arc<sqlx::Error>,
+    },
     /// The store's writer has stopped (shutting down).
     #[error("queue is shut down")]
     Closed,
