@@ -127,6 +127,19 @@ fn message(size: usize) -> Vec<u8> {
     m
 }
 
+/// User + system CPU seconds of a process, from /proc (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -160,6 +173,13 @@ async fn main() {
         percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
         percentile(&latencies, 0.99).as_secs_f64() * 1000.0,
     );
+    if let Some(cpu) = cpu_seconds(child.id()) {
+        println!(
+            "intake: relay process CPU {:.2}s user+system, {:.3}s per 1,000 messages",
+            cpu,
+            cpu * 1000.0 / n as f64
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
 }
