@@ -367,8 +367,14 @@ mod tests {
         let (second, second_rx) = request(&id);
         let mut batch = vec![first, second];
         assert!(!commit_batch(&mut conn, &mut batch).await);
-        assert!(matches!(first_rx.await, Ok(Err(QueueError::Database(_)))));
-        assert!(matches!(second_rx.await, Ok(Err(QueueError::Database(_)))));
+        assert!(matches!(
+            first_rx.await,
+            Ok(Err(QueueError::Batch { count: 2, .. }))
+        ));
+        assert!(matches!(
+            second_rx.await,
+            Ok(Err(QueueError::Batch { count: 2, .. }))
+        ));
         let count = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages")
             .fetch_one(&mut conn)
             .await;
