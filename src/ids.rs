@@ -5,24 +5,38 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-/// Queue identifier of one message: 12 hex digits of milliseconds since the epoch, then 8 hex
-/// digits of a per-process counter mixed with randomness. Sortable by arrival time, unique per node.
+/// Queue identifier of one message: 12 hex digits of milliseconds since the epoch, 6 hex digits
+/// chosen at random once per process (tells nodes apart), and 6 hex digits of a per-process
+/// counter (unique within the process). Sortable by arrival time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct MessageId(String);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+fn process_tag() -> u32 {
+    static TAG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *TAG.get_or_init(|| {
+        let mut rnd = [0u8; 4];
+        // Without a working RNG, the pid still tells concurrent processes apart.
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd).is_err() {
+            return std::process::id();
+        }
+        u32::from_be_bytes(rnd)
+    })
+}
+
 impl MessageId {
     /// A fresh identifier.
     pub fn generate() -> Self {
         let millis = chrono::Utc::now().timestamp_millis().max(0) as u64;
-        let mut rnd = [0u8; 4];
-        // A failing system RNG only weakens the mixing; the counter keeps ids unique.
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd);
-        let tail =
-            u32::from_be_bytes(rnd) ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(16);
-        MessageId(format!("{:012X}{:08X}", millis & 0xFFFF_FFFF_FFFF, tail))
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        MessageId(format!(
+            "{:012X}{:06X}{:06X}",
+            millis & 0xFFFF_FFFF_FFFF,
+            process_tag() & 0xFF_FFFF,
+            count & 0xFF_FFFF
+        ))
     }
 
     /// Wraps an identifier read from storage or typed by an operator.

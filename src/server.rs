@@ -90,17 +90,20 @@ pub async fn serve(
     tracing::info!("shutting down: no new connections; waiting for sessions in DATA");
     let drained = shutdown.drain(cfg.server.shutdown_grace).await;
     accepting.abort();
+    // Close the queue first: a session still running after the grace period can no longer
+    // have a message acknowledged (it gets 451), so nothing unacknowledged is kept and nothing
+    // acknowledged is lost. Then the last audit record.
+    queue.close().await;
     let reason = if drained {
         "signal; all sessions finished"
     } else {
-        "signal; grace period over, unfinished sessions closed (nothing unacknowledged was kept)"
+        "signal; grace period over, unfinished sessions cut off without acknowledgement"
     };
     let stopped = audit
         .record(AuditEvent::ServiceStopped {
             reason: reason.to_string(),
         })
         .await;
-    queue.close().await;
     audit.close().await;
     stopped?;
     Ok(())

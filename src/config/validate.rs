@@ -100,6 +100,10 @@ fn hostname_problem(name: &str) -> Option<String> {
     None
 }
 
+/// Largest `max_message_size` accepted: below SQLite's 1,000,000,000-byte value limit with room
+/// for the `Received:` header and the AES-GCM tag.
+const MAX_MESSAGE_SIZE: u64 = 900 * 1024 * 1024;
+
 fn check_limits(limits: &Limits, out: &mut Findings) {
     let at = section("limits");
     let mut min = |key: &str, value: u64, min: u64, why: &str| {
@@ -130,6 +134,16 @@ fn check_limits(limits: &Limits, out: &mut Findings) {
         "",
     );
     min("max_bad_commands", as_u64(limits.max_bad_commands), 1, "");
+    if limits.max_message_size > MAX_MESSAGE_SIZE {
+        out.error(
+            at.key("max_message_size"),
+            format!(
+                "{} is too large; at most {MAX_MESSAGE_SIZE} bytes (the queue stores a message \
+                 as one database value, and SQLite values stop at 1 GB)",
+                limits.max_message_size
+            ),
+        );
+    }
     at_least_a_second(&at, "command_timeout", limits.command_timeout, out);
     at_least_a_second(&at, "data_timeout", limits.data_timeout, out);
     if (1..100).contains(&limits.max_recipients) {

@@ -13,16 +13,25 @@ use crate::config;
 /// Configured users: name → PHC hash string.
 pub struct Users {
     hashes: HashMap<String, String>,
+    /// Argon2 checks use ~19 MiB and real CPU each: at most one per core at a time.
+    checks: tokio::sync::Semaphore,
 }
 
 impl Users {
     pub fn new(users: &[config::User]) -> Users {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Users {
             hashes: users
                 .iter()
                 .map(|u| (u.name.clone(), u.password_hash.clone()))
                 .collect(),
+            checks: tokio::sync::Semaphore::new(cores),
         }
+    }
+
+    /// True when `user` is a configured login name.
+    pub fn exists(&self, user: &str) -> bool {
+        self.hashes.contains_key(user)
     }
 
     /// Checks a password; CPU-heavy (Argon2), so it runs on the blocking pool. Unknown users are
@@ -30,6 +39,9 @@ impl Users {
     pub async fn verify(&self, user: &str, password: String) -> bool {
         let known = self.hashes.get(user).cloned();
         let hash = known.clone().unwrap_or_else(|| DUMMY_HASH.to_string());
+        let Ok(_permit) = self.checks.acquire().await else {
+            return false;
+        };
         let ok = tokio::task::spawn_blocking(move || check(&hash, password.as_bytes()))
             .await
             .unwrap_or(false);
@@ -60,7 +72,9 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
         .to_string())
 }
 
-/// Counts failed AUTH attempts per client IP and locks an IP out past the limit.
+/// Counts failed AUTH attempts per client IP within a window of `lockout`; at `max_failures`
+/// the IP is locked out for `lockout`. A success does not clear the count, so one valid account
+/// cannot be used to reset the counter while guessing another's password.
 pub struct Throttle {
     max_failures: u32,
     lockout: Duration,
@@ -69,8 +83,32 @@ pub struct Throttle {
 
 struct Failures {
     count: u32,
+    window_start: Instant,
     locked_until: Option<Instant>,
 }
+
+impl Failures {
+    fn expired(&self, now: Instant, lockout: Duration) -> bool {
+        match self.locked_until {
+            Some(until) => until <= now,
+            None => now.duration_since(self.window_start) >= lockout,
+        }
+    }
+}
+
+/// The throttled unit: an IPv4 address, or an IPv6 /64 (one subscriber's usual allocation).
+fn throttle_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let masked = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(masked.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Above this many tracked IPs, expired entries are pruned.
+const PRUNE_AT: usize = 10_000;
 
 impl Throttle {
     pub fn new(max_failures: u32, lockout: Duration) -> Throttle {
@@ -83,38 +121,38 @@ impl Throttle {
 
     /// True while `ip` is locked out.
     pub fn is_locked(&self, ip: IpAddr) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match state.get(&ip).and_then(|f| f.locked_until) {
-            Some(until) if until > Instant::now() => true,
-            Some(_) => {
-                state.remove(&ip);
-                false
-            }
-            None => false,
-        }
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .get(&throttle_key(ip))
+            .and_then(|f| f.locked_until)
+            .is_some_and(|until| until > Instant::now())
     }
 
     /// Records a failure; returns true when this failure locked the IP out.
     pub fn failure(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = state.entry(ip).or_insert(Failures {
+        if state.len() >= PRUNE_AT {
+            state.retain(|_, f| !f.expired(now, self.lockout));
+        }
+        let entry = state.entry(throttle_key(ip)).or_insert(Failures {
             count: 0,
+            window_start: now,
             locked_until: None,
         });
+        if entry.expired(now, self.lockout) {
+            *entry = Failures {
+                count: 0,
+                window_start: now,
+                locked_until: None,
+            };
+        }
         entry.count += 1;
         if entry.count >= self.max_failures {
-            entry.locked_until = Some(Instant::now() + self.lockout);
+            entry.locked_until = Some(now + self.lockout);
             return true;
         }
         false
-    }
-
-    /// A success clears the IP's count.
-    pub fn success(&self, ip: IpAddr) {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ip);
     }
 }
 

@@ -42,12 +42,11 @@ impl Session {
         }
         if let Some(problem) = sink.problem {
             let reply = problem_reply(problem);
-            self.reject(conn, "data", &reply, Some(tx.sender), None)
+            return self
+                .reject(conn, "data", &reply, Some(tx.sender), None)
                 .await;
-            return None;
         }
-        self.accept(conn, id, tx, sink.body, header_len).await;
-        None
+        self.accept(conn, id, tx, sink.body, header_len).await
     }
 
     async fn data_interrupted<S: AsyncRead + AsyncWrite + Unpin>(
@@ -60,7 +59,8 @@ impl Session {
             End::Timeout => replies::TIMEOUT,
             _ => Reply::new(421, "4.4.2", "Connection lost during DATA"),
         };
-        self.reject(conn, "data", &reply, Some(tx.sender), None)
+        let _ = self
+            .reject(conn, "data", &reply, Some(tx.sender), None)
             .await;
         let _ = conn.flush().await;
         Next::Close
@@ -73,7 +73,7 @@ impl Session {
         tx: Transaction,
         body: Vec<u8>,
         header_len: usize,
-    ) {
+    ) -> Option<Next> {
         let message_id = message_id_header(&body[header_len..]);
         let recipients: Vec<NewRecipient> = tx
             .recipients
@@ -118,17 +118,25 @@ impl Session {
             message_id_header: message_id,
             size: body.len() as u64,
         };
+        // The audit record first, then the queue: every queued message has its
+        // `message.received` record, even across a crash between the two. Both are durable
+        // before the 250.
         let ctx = self.ctx.clone();
-        let (queued, audited) =
-            tokio::join!(ctx.queue.enqueue(envelope, body), ctx.audit.record(event));
-        match (queued, audited) {
-            (Ok(()), Ok(_)) => {
-                conn.reply(&Reply::owned(250, "2.0.0", format!("Ok: queued as {id}")))
+        if let Err(e) = ctx.audit.record(event).await {
+            tracing::error!(queue_id = %id, error = %e, "audit log unavailable; message refused");
+            conn.reply(&replies::NOT_QUEUED);
+            return None;
+        }
+        match ctx.queue.enqueue(envelope, body).await {
+            Ok(()) => {
+                conn.reply(&Reply::owned(250, "2.0.0", format!("Ok: queued as {id}")));
+                None
             }
-            (queued, audited) => {
-                tracing::error!(queue_id = %id, queue = ?queued.err(), audit = ?audited.err(), "message not acknowledged");
-                self.reject(conn, "queue", &replies::NOT_QUEUED, Some(tx.sender), None)
-                    .await;
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "message not queued");
+                let sender = Some(tx.sender);
+                self.reject(conn, "queue", &replies::NOT_QUEUED, sender, None)
+                    .await
             }
         }
     }
@@ -153,7 +161,7 @@ impl Session {
         };
         format!(
             "Received: from {helo} ([{ip}]){tls}\r\n\tby {host} (sealpost) with {protocol} id {id}{rcpt};\r\n\t{date}\r\n",
-            ip = self.peer.ip(),
+            ip = address_literal(self.peer.ip()),
             host = self.ctx.hostname,
             date = Utc::now().to_rfc2822(),
         )
@@ -168,8 +176,47 @@ fn problem_reply(problem: DataProblem) -> Reply {
     }
 }
 
-/// The `Message-ID:` header of the message, if any (headers only are parsed).
+/// RFC 5321 §4.1.3 address literal body: `1.2.3.4` or `IPv6:…`.
+fn address_literal(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => format!("IPv6:{v6}"),
+        },
+    }
+}
+
+/// Longest `Message-ID:` value recorded; longer or malformed ones are left out of the
+/// queue row and the audit log (the header stays in the message).
+const MAX_MESSAGE_ID: usize = 250;
+
+/// The `Message-ID:` header of the message, if any and well-formed (headers only are parsed).
 fn message_id_header(message: &[u8]) -> Option<String> {
     let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
-    parsed.message_id().map(|s| s.to_string())
+    let id = parsed.message_id()?;
+    let printable = id.bytes().all(|b| b.is_ascii_graphic());
+    (printable && !id.is_empty() && id.len() <= MAX_MESSAGE_ID).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_is_bounded_and_printable() {
+        assert_eq!(
+            message_id_header(b"Message-ID: <a@b>\r\n\r\nx").as_deref(),
+            Some("a@b")
+        );
+        let long = format!("Message-ID: <{}@b>\r\n\r\n", "x".repeat(400));
+        assert_eq!(message_id_header(long.as_bytes()), None);
+        assert_eq!(message_id_header(b"Subject: none\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn ipv6_literals_are_tagged() {
+        assert_eq!(address_literal("::1".parse().unwrap()), "IPv6:::1");
+        assert_eq!(address_literal("127.0.0.1".parse().unwrap()), "127.0.0.1");
+    }
 }

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::shutdown::Signal;
@@ -31,9 +33,14 @@ pub enum Line {
     Ok(Vec<u8>),
     /// The line contained a bare LF or CR.
     BareLineEnd,
-    /// The line exceeded the limit; its bytes were discarded up to the next LF.
+    /// The line exceeded the limit; its bytes were discarded up to its CRLF.
     TooLong,
+    /// Far more than a line's worth of bytes without any CRLF: the client is not speaking SMTP.
+    Overflow,
 }
+
+/// Bytes without a CRLF after which a command line is given up on and the session closed.
+const OVERFLOW_LIMIT: usize = 64 * 1024;
 
 /// Why a message's data was refused (the data is still read up to the real end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,15 +128,18 @@ pub struct Conn<S> {
     buf: Vec<u8>,
     pos: usize,
     out: Vec<u8>,
+    /// Bound on sending replies: a client that stops reading cannot hold the session.
+    write_timeout: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    pub fn new(stream: S) -> Conn<S> {
+    pub fn new(stream: S, write_timeout: Duration) -> Conn<S> {
         Conn {
             stream,
             buf: Vec::with_capacity(16 * 1024),
             pos: 0,
             out: Vec::with_capacity(1024),
+            write_timeout,
         }
     }
 
@@ -143,12 +153,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         &mut self.out
     }
 
+    /// Sends pending replies within the write timeout.
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
+        let write = async {
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out).await?;
+                self.out.clear();
+            }
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client is not reading replies",
+            )),
         }
-        self.stream.flush().await
     }
 
     /// Drops everything the client sent that has not been read yet (after STARTTLS).
@@ -163,8 +183,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.stream
     }
 
-    /// Reads more input, flushing pending replies first. `Ok(0)` is end of stream.
-    async fn fill(&mut self, timeout: Duration, signal: Option<&mut Signal>) -> Result<(), End> {
+    /// Reads more input by `deadline`, flushing pending replies first.
+    async fn fill(&mut self, deadline: Instant, signal: Option<&mut Signal>) -> Result<(), End> {
         self.flush().await.map_err(End::Io)?;
         if self.pos > 0 && self.pos * 2 >= self.buf.len() {
             self.buf.drain(..self.pos);
@@ -173,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if self.buf.capacity() - self.buf.len() < 4096 {
             self.buf.reserve(16 * 1024);
         }
-        let read = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf));
+        let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf));
         let result = match signal {
             Some(signal) => tokio::select! {
                 r = read => r,
@@ -189,43 +209,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Reads one command line of at most `max` octets including CRLF.
+    /// Reads one command line of at most `max` octets including CRLF, within `timeout` for the
+    /// whole line. Only CRLF ends a line: a bare LF or CR makes the line (up to its CRLF)
+    /// invalid, it never splits it into two commands.
     pub async fn read_line(
         &mut self,
         max: usize,
         timeout: Duration,
         mut signal: Option<&mut Signal>,
     ) -> Result<Line, End> {
-        let mut skipping = false;
+        let deadline = Instant::now() + timeout;
+        let mut skipped = 0usize;
         loop {
             let pending = &self.buf[self.pos..];
-            if let Some(i) = memchr::memchr(b'\n', pending) {
-                let line = &pending[..=i];
-                self.pos += i + 1;
-                if skipping || line.len() > max {
+            if let Some(i) = memchr::memmem::find(pending, b"\r\n") {
+                let line = &pending[..i + 2];
+                self.pos += i + 2;
+                if skipped > 0 || line.len() > max {
                     return Ok(Line::TooLong);
                 }
-                let crlf = i > 0 && pending[i - 1] == b'\r';
-                if !crlf || memchr::memchr(b'\r', &line[..line.len() - 2]).is_some() {
+                if memchr::memchr2(b'\r', b'\n', &line[..i]).is_some() {
                     return Ok(Line::BareLineEnd);
                 }
                 return Ok(Line::Ok(line.to_vec()));
             }
             if pending.len() > max {
-                skipping = true;
-                self.pos = self.buf.len();
+                // Drop what cannot be a valid line, keeping a trailing CR for its LF.
+                let keep = usize::from(pending.last() == Some(&b'\r'));
+                skipped += pending.len() - keep;
+                self.pos = self.buf.len() - keep;
+                if skipped > OVERFLOW_LIMIT {
+                    return Ok(Line::Overflow);
+                }
             }
-            self.fill(timeout, signal.as_deref_mut()).await?;
+            self.fill(deadline, signal.as_deref_mut()).await?;
         }
     }
 
     /// Reads message data up to the end-of-data line into `sink`.
+    /// `timeout` bounds each read (RFC 5321 §4.5.3.2.5: per data block).
     pub async fn read_data(&mut self, sink: &mut DataSink, timeout: Duration) -> Result<(), End> {
         loop {
             if self.take_segments(sink) {
                 return Ok(());
             }
-            self.fill(timeout, None).await?;
+            self.fill(Instant::now() + timeout, None).await?;
         }
     }
 
@@ -265,7 +293,7 @@ mod tests {
 
     fn run(input: &[u8]) -> (DataSink, bool) {
         let mut sink = DataSink::new(Vec::new(), 1 << 20, 998);
-        let mut conn = Conn::new(tokio::io::empty());
+        let mut conn = Conn::new(tokio::io::empty(), Duration::from_secs(1));
         conn.buf.extend_from_slice(input);
         let done = conn.take_segments(&mut sink);
         (sink, done)

@@ -131,6 +131,7 @@ impl Listeners {
 /// Total and per-IP connection caps.
 struct ConnLimits {
     total: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
     per_ip_max: usize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -157,6 +158,7 @@ impl ConnLimits {
     fn new(limits: &config::Limits) -> ConnLimits {
         ConnLimits {
             total: Arc::new(Semaphore::new(limits.max_connections)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             per_ip_max: limits.max_connections_per_ip,
             per_ip: Mutex::new(HashMap::new()),
         }
@@ -205,6 +207,20 @@ impl AcceptLoop {
     }
 
     fn spawn(&self, stream: TcpStream, peer: SocketAddr, bound: &Bound) {
+        let permit = self.limits.total.clone().try_acquire_owned().ok();
+        let slot = permit.as_ref().and_then(|_| self.limits.take_ip(peer.ip()));
+        let (permit, slot) = match (permit, slot) {
+            (Some(permit), Some(slot)) if !self.ctx.throttle.is_locked(peer.ip()) => (permit, slot),
+            (permit, slot) => {
+                let reply = match (permit, slot) {
+                    (None, _) => replies::TOO_MANY_CONNECTIONS,
+                    (Some(_), None) => replies::TOO_MANY_FROM_IP,
+                    (Some(_), Some(_)) => replies::AUTH_LOCKED,
+                };
+                self.refuse(stream, bound.kind, reply);
+                return;
+            }
+        };
         let handler = Handler {
             ctx: self.ctx.clone(),
             signal: self.signal.clone(),
@@ -214,25 +230,25 @@ impl AcceptLoop {
             starttls: bound.starttls,
             listener: bound.local,
         };
-        let permit = self.limits.total.clone().try_acquire_owned().ok();
-        let slot = permit.as_ref().and_then(|_| self.limits.take_ip(peer.ip()));
-        let refusal = match (&permit, &slot) {
-            (None, _) => Some(replies::TOO_MANY_CONNECTIONS),
-            (Some(_), None) => Some(replies::TOO_MANY_FROM_IP),
-            _ if self.ctx.throttle.is_locked(peer.ip()) => Some(replies::AUTH_LOCKED),
-            _ => None,
+        tokio::spawn(async move {
+            handler.run(stream).await;
+            drop((slot, permit));
+        });
+    }
+
+    /// Refuses a connection without holding any session slot; when too many refusals are
+    /// already in flight the connection is simply closed.
+    fn refuse(&self, stream: TcpStream, kind: ListenerKind, reply: Reply) {
+        let Ok(permit) = self.limits.refusals.clone().try_acquire_owned() else {
+            return;
         };
-        let tls = match bound.kind {
+        let tls = match kind {
             ListenerKind::ImplicitTls => self.ctx.tls.clone(),
             ListenerKind::Smtp => None,
         };
         tokio::spawn(async move {
-            let _permit = permit;
-            let _slot = slot;
-            match refusal {
-                Some(reply) => refuse(stream, tls, reply).await,
-                None => handler.run(stream).await,
-            }
+            refuse(stream, tls, reply).await;
+            drop(permit);
         });
     }
 }
@@ -256,7 +272,10 @@ async fn refuse(stream: TcpStream, tls: Option<TlsAcceptor>, reply: Reply) {
 }
 
 /// How long a refused client gets to receive its 421.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Refusals (421 replies to connections over a limit) in flight at once.
+const MAX_REFUSALS: usize = 64;
 
 async fn write_and_close<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, bytes: &[u8]) {
     use tokio::io::AsyncWriteExt;
@@ -293,7 +312,7 @@ impl Handler {
             }
             return;
         }
-        let mut conn = Conn::new(stream);
+        let mut conn = Conn::new(stream, self.ctx.limits.command_timeout);
         conn.reply(&session.greeting());
         if let Next::StartTls = session.command_loop(&mut conn, &mut self.signal).await {
             if conn.flush().await.is_err() {
@@ -330,7 +349,7 @@ impl Handler {
         })
         .await;
         session.tls_established(info);
-        Some(Conn::new(tls))
+        Some(Conn::new(tls, self.ctx.limits.command_timeout))
     }
 
     async fn record(&self, event: AuditEvent) {

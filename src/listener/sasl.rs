@@ -59,10 +59,17 @@ impl Session {
     ) -> Option<Next> {
         let ip = self.peer.ip();
         let success = self.ctx.users.verify(&user, password).await;
+        // A name that is no configured user may be a password typed into the wrong field:
+        // it is not recorded.
+        let recorded = if self.ctx.users.exists(&user) {
+            user.clone()
+        } else {
+            "(unknown user)".to_string()
+        };
         let event = AuditEvent::SessionAuth {
             session: self.id,
             client_ip: ip,
-            user: user.clone(),
+            user: recorded,
             mechanism: mechanism.to_string(),
             success,
         };
@@ -70,7 +77,6 @@ impl Session {
             tracing::error!(error = %e, "audit record for AUTH failed");
         }
         if success {
-            self.ctx.throttle.success(ip);
             self.auth_user = Some(user);
             conn.reply(&replies::AUTH_OK);
             return None;
@@ -134,10 +140,16 @@ impl Session {
         conn.reply_raw()
             .extend_from_slice(format!("334 {prompt}\r\n").as_bytes());
         let limits = &self.ctx.limits;
-        let line = conn
+        let line = match conn
             .read_line(limits.max_command_line, limits.command_timeout, None)
             .await
-            .map_err(|_| Exchange::Close)?;
+        {
+            Ok(line) => line,
+            Err(end) => {
+                self.ended(conn, end).await;
+                return Err(Exchange::Close);
+            }
+        };
         let Line::Ok(line) = line else {
             return Err(Exchange::Refused(replies::SYNTAX));
         };

@@ -101,6 +101,10 @@ impl Session {
                 Line::Ok(line) => self.dispatch(conn, &line).await,
                 Line::TooLong => self.bad(conn, &replies::LINE_TOO_LONG),
                 Line::BareLineEnd => self.bad(conn, &replies::BARE_LF),
+                Line::Overflow => {
+                    conn.reply(&replies::LINE_TOO_LONG);
+                    Some(Next::Close)
+                }
             };
             if let Some(next) = next {
                 let _ = conn.flush().await;
@@ -109,7 +113,11 @@ impl Session {
         }
     }
 
-    async fn ended<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Conn<S>, end: End) -> Next {
+    pub(super) async fn ended<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut Conn<S>,
+        end: End,
+    ) -> Next {
         let reply = match end {
             End::Timeout => Some(&replies::TIMEOUT),
             End::Shutdown => Some(&replies::SHUTTING_DOWN),
@@ -154,8 +162,8 @@ impl Session {
                 mechanism,
                 initial_response,
             } => return self.auth(conn, mechanism, &initial_response).await,
-            Request::Mail { from } => self.mail(conn, from).await,
-            Request::Rcpt { to } => self.rcpt(conn, to).await,
+            Request::Mail { from } => return self.mail(conn, from).await,
+            Request::Rcpt { to } => return self.rcpt(conn, to).await,
             Request::Data => return self.data(conn).await,
             Request::Rset => {
                 self.tx = None;
@@ -225,63 +233,57 @@ impl Session {
         &mut self,
         conn: &mut Conn<S>,
         from: MailFrom<std::borrow::Cow<'_, str>>,
-    ) {
+    ) -> Option<Next> {
         if self.helo.is_none() {
-            conn.reply(&replies::NEED_HELO);
-            return;
+            return self.bad(conn, &replies::NEED_HELO);
         }
         if self.tx.is_some() {
-            conn.reply(&replies::NESTED_MAIL);
-            return;
+            return self.bad(conn, &replies::NESTED_MAIL);
         }
         if from.size as u64 > self.ctx.limits.max_message_size {
             let sender = Some(from.address.to_string());
-            self.reject(conn, "mail", &replies::MESSAGE_TOO_BIG, sender, None)
+            return self
+                .reject(conn, "mail", &replies::MESSAGE_TOO_BIG, sender, None)
                 .await;
-            return;
         }
         self.tx = Some(Transaction {
             sender: from.address.to_string(),
             recipients: Vec::new(),
         });
         conn.reply(&replies::SENDER_OK);
+        None
     }
 
     async fn rcpt<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Conn<S>,
         to: RcptTo<std::borrow::Cow<'_, str>>,
-    ) {
+    ) -> Option<Next> {
         let Some(tx) = self.tx.as_ref() else {
-            conn.reply(&replies::NEED_MAIL);
-            return;
+            return self.bad(conn, &replies::NEED_MAIL);
         };
         let address = to.address.to_string();
         let sender = Some(tx.sender.clone());
         if domain_of(&address).is_none() {
-            conn.reply(&replies::BAD_RECIPIENT);
-            return;
+            return self.bad(conn, &replies::BAD_RECIPIENT);
         }
         if tx.recipients.len() >= self.ctx.limits.max_recipients {
-            self.reject(
-                conn,
-                "rcpt",
-                &replies::TOO_MANY_RECIPIENTS,
-                sender,
-                Some(address),
-            )
-            .await;
-            return;
+            let reply = &replies::TOO_MANY_RECIPIENTS;
+            return self
+                .reject(conn, "rcpt", reply, sender, Some(address))
+                .await;
         }
         if !self.may_relay() {
-            self.reject(conn, "rcpt", &replies::RELAY_DENIED, sender, Some(address))
+            let reply = &replies::RELAY_DENIED;
+            return self
+                .reject(conn, "rcpt", reply, sender, Some(address))
                 .await;
-            return;
         }
         if let Some(tx) = self.tx.as_mut() {
             tx.recipients.push(address);
         }
         conn.reply(&replies::RECIPIENT_OK);
+        None
     }
 
     /// Authenticated clients and clients on a trusted network may relay; nobody else.
@@ -294,7 +296,8 @@ impl Session {
                 .any(|net| net.contains(&self.peer.ip()))
     }
 
-    /// Replies with a refusal and records it in the audit log.
+    /// Replies with a refusal and records it in the audit log. A refusal counts as an error
+    /// of the session, so a client cannot fill the audit log by repeating refused commands.
     pub(super) async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Conn<S>,
@@ -302,8 +305,7 @@ impl Session {
         reply: &Reply,
         sender: Option<String>,
         recipient: Option<String>,
-    ) {
-        conn.reply(reply);
+    ) -> Option<Next> {
         let event = AuditEvent::MessageRejected {
             session: self.id,
             client_ip: self.peer.ip(),
@@ -317,6 +319,7 @@ impl Session {
         if let Err(e) = self.ctx.audit.record(event).await {
             tracing::error!(error = %e, "audit record for a rejection failed");
         }
+        self.bad(conn, reply)
     }
 }
 

@@ -70,7 +70,7 @@ pub mod replies {
     pub const OK: Reply = Reply::new(250, "2.0.0", "Ok");
     pub const SENDER_OK: Reply = Reply::new(250, "2.1.0", "Sender ok");
     pub const RECIPIENT_OK: Reply = Reply::new(250, "2.1.5", "Recipient ok");
-    pub const START_DATA: Reply = Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>");
+    pub const START_DATA: Reply = Reply::new(354, "", "End data with <CR><LF>.<CR><LF>");
     pub const READY_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
     pub const BYE: Reply = Reply::new(221, "2.0.0", "Bye");
     pub const AUTH_OK: Reply = Reply::new(235, "2.7.0", "Authentication successful");
