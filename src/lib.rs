@@ -13,6 +13,8 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod delivery;
+pub mod dns;
 pub mod ids;
 pub mod listener;
 pub mod policy;

@@ -23,8 +23,8 @@ use crate::policy::{Defaults, PolicyFile};
 
 use self::locate::{Findings, KeyPath, Segment, Source};
 use super::{
-    default_listeners, Audit, Auth, Config, Encryption, KeyRef, Limits, Listener, Queue, Relay,
-    Server, Testing, Tls, User,
+    default_listeners, Audit, Auth, Config, Delivery, Dns, Encryption, KeyRef, Limits, Listener,
+    Queue, Relay, Server, Testing, Tls, User,
 };
 
 /// Whether a problem stops the relay.
@@ -106,6 +106,8 @@ const CONFIG_SECTIONS: &[&str] = &[
     "queue",
     "encryption",
     "audit",
+    "dns",
+    "delivery",
     "testing",
 ];
 
@@ -287,6 +289,8 @@ pub(crate) struct Parts {
     pub encryption: Option<Encryption>,
     pub keys: Vec<Option<KeyRef>>,
     pub audit: Option<Audit>,
+    pub dns: Option<Dns>,
+    pub delivery: Option<Delivery>,
     /// `Some(None)` when there is no `[testing]`.
     pub testing: Option<Option<Testing>>,
 }
@@ -309,6 +313,8 @@ impl Parts {
             encryption: None,
             keys: Vec::new(),
             audit: Some(Audit::default()),
+            dns: Some(Dns::default()),
+            delivery: Some(Delivery::default()),
             testing: Some(None),
         }
     }
@@ -334,6 +340,8 @@ impl Parts {
             queue: self.queue?,
             encryption,
             audit: self.audit?,
+            dns: self.dns?,
+            delivery: self.delivery?,
             testing: self.testing?,
         })
     }
@@ -362,6 +370,8 @@ fn decode_config(table: toml::Table, out: &mut Findings) -> Parts {
             "queue" => parts.queue = decode(value, &at, out),
             "encryption" => (parts.encryption, parts.keys) = decode_encryption(value, &at, out),
             "audit" => parts.audit = decode(value, &at, out),
+            "dns" => parts.dns = decode(value, &at, out),
+            "delivery" => parts.delivery = decode(value, &at, out),
             "testing" => {
                 out.warn(at.clone(), TESTING_WARNING);
                 parts.testing = decode(value, &at, out).map(Some);

@@ -63,6 +63,37 @@ pub fn write_multiline(code: u16, lines: &[String], out: &mut Vec<u8>) {
     }
 }
 
+/// A reply received from a remote server (owned, enhanced code optional).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RemoteReply {
+    pub code: u16,
+    /// Enhanced status code (`5.1.1`) when the server sent one.
+    pub enhanced: Option<String>,
+    /// The text, lines joined with a space.
+    pub text: String,
+}
+
+impl RemoteReply {
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+}
+
+impl std::fmt::Display for RemoteReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.enhanced {
+            Some(e) => write!(f, "{} {} {}", self.code, e, self.text),
+            None => write!(f, "{} {}", self.code, self.text),
+        }
+    }
+}
+
 /// The replies the listener sends, in one place so codes stay consistent.
 pub mod replies {
     use super::Reply;
