@@ -149,13 +149,13 @@ fn check(path: &Path) -> i32 {
     };
     let c = &loaded.config;
     println!(
-        "{}: ok: {} listener(s), {} trusted network(s), {} user(s), policy {} (default mode {:?}), {} warning(s)",
+        "{}: ok: {} listener(s), {} trusted network(s), {} user(s), policy {} (default mode {}), {} warning(s)",
         path.display(),
         c.listeners.len(),
         c.relay.trusted_networks.len(),
         c.auth.users.len(),
         c.server.policy.display(),
-        loaded.policy.defaults.mode,
+        loaded.policy.defaults.mode.as_str(),
         loaded.warnings.len()
     );
     0
@@ -278,7 +278,7 @@ async fn queue_list(queue: &Queue, json: bool) -> anyhow::Result<i32> {
             .map(|r| format!("{} ({})", r.address, r.status.as_str()))
             .collect();
         println!(
-            "{:<20}  {:<20}  {:>8}  {:<30}  {}",
+            "{:<24}  {:<19}  {:>8}  {:<30}  {}",
             m.id,
             m.received_at.format("%Y-%m-%d %H:%M:%S"),
             m.size,
@@ -340,10 +340,10 @@ fn print_message(m: &StoredMessage) {
     );
     for r in &m.recipients {
         println!(
-            "recipient:   <{}> status={} mode={:?} rule={} attempts={} last_reply={}",
+            "recipient:   <{}> status={} mode={} rule={} attempts={} last_reply={}",
             r.address,
             r.status.as_str(),
-            r.decision.mode,
+            r.decision.mode.as_str(),
             r.decision.rule,
             r.attempts,
             r.last_reply.as_deref().unwrap_or("-")

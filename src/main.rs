@@ -11,6 +11,7 @@ async fn main() -> std::process::ExitCode {
             EnvFilter::try_from_env("SEALPOST_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match sealpost::cli::run(cli).await {
         Ok(code) => std::process::ExitCode::from(code as u8),

@@ -145,7 +145,7 @@ async fn long_data_line_refuses_the_message() {
     let r = c.cmd(".", "500").await;
     assert_eq!(
         r,
-        "500 5.5.2 Message line too long (RFC 5321 4.5.3.1.6 allows 998 octets)"
+        "500 5.5.2 Message line too long (see RFC 5321 4.5.3.1.6); wrap lines or use a transfer encoding"
     );
     assert!(relay.queue_json().is_empty());
 

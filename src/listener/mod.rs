@@ -202,6 +202,9 @@ impl AcceptLoop {
                 }
             };
             let _ = stream.set_nodelay(true);
+            // An IPv4 client on a dual-stack `[::]` listener appears as `::ffff:a.b.c.d`; limits,
+            // trusted networks and the audit log all see the plain IPv4 address.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             self.spawn(stream, peer, &bound);
         }
     }

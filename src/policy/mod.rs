@@ -22,6 +22,18 @@ pub enum Mode {
     Portal,
 }
 
+impl Mode {
+    /// The spelling used in the policy file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Opportunistic => "opportunistic",
+            Mode::RequireTls => "require-tls",
+            Mode::TlsExclusive => "tls-exclusive",
+            Mode::Portal => "portal",
+        }
+    }
+}
+
 /// Lowest TLS protocol version accepted for delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TlsFloor {

@@ -184,7 +184,7 @@ pub mod replies {
     pub const DATA_LINE_TOO_LONG: Reply = Reply::new(
         500,
         "5.5.2",
-        "Message line too long (RFC 5321 4.5.3.1.6 allows 998 octets)",
+        "Message line too long (see RFC 5321 4.5.3.1.6); wrap lines or use a transfer encoding",
     );
     pub const DATA_BARE_LF: Reply = Reply::new(
         550,
