@@ -73,6 +73,19 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make deferred recipients due now: of one message, or of all with --all (audited).
+    Retry {
+        /// Queue id.
+        id: Option<String>,
+        /// Every message in the queue.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Remove a message from the queue without delivering it or telling the sender (audited).
+    Delete {
+        /// Queue id.
+        id: String,
+    },
     /// Show one message: envelope, per-recipient decision and status.
     ///
     /// `--body` decrypts and prints the message itself; that access is recorded in the audit
@@ -254,6 +267,28 @@ async fn queue(config_path: &Path, command: QueueCommand) -> anyhow::Result<i32>
         QueueCommand::Show { id, body } => {
             queue_show(&queue, &cfg.audit.path, &MessageId::from_string(id), body).await?
         }
+        QueueCommand::Retry { id, all } => {
+            let id = id.map(MessageId::from_string);
+            if id.is_none() && !all {
+                bail!("name a queue id, or use --all");
+            }
+            let n = queue.retry(id.as_ref()).await?;
+            admin_record(&cfg.audit.path, "retry", id, n).await?;
+            println!("{n} recipient(s) due now");
+            0
+        }
+        QueueCommand::Delete { id } => {
+            let id = MessageId::from_string(id);
+            let Some(message) = queue.get(&id).await? else {
+                eprintln!("no message {id} in the queue");
+                return Ok(1);
+            };
+            queue.delete(&id).await?;
+            let n = message.recipients.len() as u64;
+            admin_record(&cfg.audit.path, "delete", Some(id.clone()), n).await?;
+            println!("deleted {id} ({n} recipient(s))");
+            0
+        }
     };
     queue.close().await;
     Ok(code)
@@ -267,24 +302,29 @@ async fn queue_list(queue: &Queue, json: bool) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    println!(
-        "{:<20}  {:<20}  {:>8}  {:<30}  recipients",
-        "id", "received", "size", "sender"
-    );
+    println!("{:<24}  {:<19}  {:>8}  sender", "id", "received", "size");
     for m in &messages {
-        let rcpts: Vec<String> = m
-            .recipients
-            .iter()
-            .map(|r| format!("{} ({})", r.address, r.status.as_str()))
-            .collect();
         println!(
-            "{:<24}  {:<19}  {:>8}  {:<30}  {}",
+            "{:<24}  {:<19}  {:>8}  {}",
             m.id,
             m.received_at.format("%Y-%m-%d %H:%M:%S"),
             m.size,
             display_sender(&m.sender),
-            rcpts.join(", ")
         );
+        for r in &m.recipients {
+            let next = r
+                .next_attempt
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(|| "-".to_string());
+            println!(
+                "    {:<40} {:<9} attempts={} next={} {}",
+                r.address,
+                r.status.as_str(),
+                r.attempts,
+                next,
+                r.last_reply.as_deref().unwrap_or("")
+            );
+        }
     }
     println!("{} message(s)", messages.len());
     Ok(0)
@@ -322,6 +362,25 @@ async fn queue_show(
         std::io::stdout().write_all(&body)?;
     }
     Ok(0)
+}
+
+/// Records an admin queue action with the OS user.
+async fn admin_record(
+    audit_path: &Path,
+    action: &str,
+    queue_id: Option<MessageId>,
+    recipients: u64,
+) -> anyhow::Result<()> {
+    let log = AuditLog::open(audit_path).await?;
+    log.record(AuditEvent::AdminQueue {
+        action: action.to_string(),
+        queue_id,
+        recipients,
+        os_user: os_user(),
+    })
+    .await?;
+    log.close().await;
+    Ok(())
 }
 
 fn print_message(m: &StoredMessage) {

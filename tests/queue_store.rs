@@ -383,3 +383,87 @@ async fn concurrent_enqueues_are_group_committed() {
     );
     queue.close().await;
 }
+
+/// Claims are exclusive while their lease lasts, come back when it runs out (a crashed
+/// worker), and outcomes, retry and delete change what is due.
+#[tokio::test]
+async fn claims_leases_outcomes_retry_and_delete() {
+    use sealpost::queue::{RecipientStatus, RecipientUpdate};
+    let dir = tempfile::tempdir().unwrap();
+    let ring = Arc::new(keyring(dir.path()));
+    let (queue, _store) = open_queue(dir.path(), ring).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let env = envelope(&[&format!("r{i}@d.example")], 100);
+        ids.push(env.id.clone());
+        queue.enqueue(env, body("claim", 100)).await.unwrap();
+    }
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let lease = now + chrono::Duration::minutes(10);
+    let a = queue.claim("node-a", now, lease, 2).await.unwrap();
+    assert_eq!(a.len(), 2);
+    assert!(a
+        .iter()
+        .all(|m| m.body.is_some() && m.recipients.len() == 1));
+    let b = queue.claim("node-b", now, lease, 10).await.unwrap();
+    assert_eq!(b.len(), 1, "only the unclaimed recipient");
+    assert!(queue
+        .claim("node-b", now, lease, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // node-a crashes: after its lease, its recipients are claimable again.
+    let later = lease + chrono::Duration::seconds(1);
+    let again = queue
+        .claim("node-c", later, later + chrono::Duration::minutes(10), 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 3, "expired leases of a and b come back");
+
+    // Outcomes: one delivered, one deferred an hour ahead, one failed.
+    let rid = |m: &sealpost::queue::StoredMessage| m.recipients[0].id;
+    let update = |id, status, next| RecipientUpdate {
+        id,
+        status,
+        next_attempt: next,
+        last_reply: Some("250 ok".into()),
+        attempted: true,
+    };
+    let hour = later + chrono::Duration::hours(1);
+    queue
+        .finish(&[
+            update(rid(&again[0]), RecipientStatus::Delivered, None),
+            update(rid(&again[1]), RecipientStatus::Deferred, Some(hour)),
+            update(rid(&again[2]), RecipientStatus::Failed, None),
+        ])
+        .await
+        .unwrap();
+    let soon = later + chrono::Duration::minutes(1);
+    assert!(queue.claim("n", soon, soon, 10).await.unwrap().is_empty());
+    let listed = queue.list().await.unwrap();
+    let deferred = listed
+        .iter()
+        .flat_map(|m| &m.recipients)
+        .find(|r| r.status == RecipientStatus::Deferred)
+        .unwrap();
+    assert_eq!(deferred.attempts, 1);
+
+    // queue retry makes it due now.
+    assert_eq!(queue.retry(None).await.unwrap(), 1);
+    let due = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        queue
+            .claim("n", due, due + chrono::Duration::minutes(1), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // delete removes the message and its recipients.
+    assert!(queue.delete(&ids[0]).await.unwrap());
+    assert!(!queue.delete(&ids[0]).await.unwrap());
+    assert_eq!(queue.list().await.unwrap().len(), 2);
+    queue.close().await;
+}

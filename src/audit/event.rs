@@ -90,4 +90,71 @@ pub enum AuditEvent {
         queue_id: MessageId,
         os_user: String,
     },
+    /// One delivery attempt to one host: what was said and what TLS looked like.
+    #[serde(rename = "delivery.attempt")]
+    DeliveryAttempt {
+        queue_id: MessageId,
+        recipients: Vec<String>,
+        mx_host: String,
+        ip: Option<IpAddr>,
+        port: u16,
+        /// TLS facts (version, cipher, certificate subject/issuer/fingerprint/expiry, whether
+        /// it verified and why not); `None` for plaintext.
+        tls: Option<crate::delivery::tls::TlsReport>,
+        /// Why TLS was not used although offered (opportunistic fallback).
+        tls_fallback: Option<String>,
+        /// The remote reply (or local error) that ended the attempt.
+        reply: String,
+        enhanced: Option<String>,
+        duration_ms: u64,
+    },
+    /// A recipient was accepted by the remote server (after its 250 to the final dot).
+    #[serde(rename = "delivery.delivered")]
+    DeliveryDelivered {
+        queue_id: MessageId,
+        recipient: String,
+        mx_host: String,
+        reply: String,
+    },
+    /// A recipient failed temporarily and waits for another attempt.
+    #[serde(rename = "delivery.deferred")]
+    DeliveryDeferred {
+        queue_id: MessageId,
+        recipient: String,
+        reason: String,
+        attempts: u32,
+        next_attempt: String,
+    },
+    /// A recipient failed permanently; a DSN goes to the sender unless it is `<>`.
+    #[serde(rename = "delivery.failed")]
+    DeliveryFailed {
+        queue_id: MessageId,
+        recipient: String,
+        enhanced: String,
+        reason: String,
+    },
+    /// A delivery status notification was queued.
+    #[serde(rename = "dsn.queued")]
+    DsnQueued {
+        queue_id: MessageId,
+        /// The message the DSN reports on.
+        original: MessageId,
+        to: String,
+        recipients: Vec<String>,
+    },
+    /// A recipient reached `max_queue_lifetime` undelivered.
+    #[serde(rename = "queue.expired")]
+    QueueExpired {
+        queue_id: MessageId,
+        recipient: String,
+        age_secs: u64,
+    },
+    /// An operator acted on the queue (`queue retry`, `queue bounce`, `queue delete`).
+    #[serde(rename = "admin.queue")]
+    AdminQueue {
+        action: String,
+        queue_id: Option<MessageId>,
+        recipients: u64,
+        os_user: String,
+    },
 }

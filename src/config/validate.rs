@@ -50,6 +50,56 @@ pub(crate) fn config(parts: &Parts, out: &mut Findings) {
     if let Some(audit) = &parts.audit {
         non_empty_path(&audit.path, section("audit").key("path"), out);
     }
+    if let Some(delivery) = &parts.delivery {
+        check_delivery(delivery, out);
+    }
+}
+
+/// Routes and relay host parse; retry settings make sense.
+fn check_delivery(delivery: &crate::config::Delivery, out: &mut Findings) {
+    use crate::delivery::mx::RouteError;
+    if let Err(errors) = crate::delivery::mx::Routes::from_config(delivery) {
+        for e in errors {
+            let key = match &e {
+                RouteError::InvalidNextHop { key, .. }
+                | RouteError::DuplicateDomain { key, .. }
+                | RouteError::InvalidDomain { key, .. } => key.clone(),
+            };
+            out.error(path_of(&key), e.to_string());
+        }
+    }
+    let at = section("delivery");
+    if delivery.workers == 0 {
+        out.error(at.key("workers"), "must be at least 1".to_string());
+    }
+    if delivery.retry_schedule.is_empty() {
+        out.error(
+            at.key("retry_schedule"),
+            "give at least one wait, e.g. [\"5m\"]".to_string(),
+        );
+    }
+    if delivery.lease < Duration::from_secs(10) {
+        out.error(
+            at.key("lease"),
+            "use at least 10s: a lease shorter than one delivery makes two workers send the same message".to_string(),
+        );
+    }
+}
+
+/// A dotted key path with `[index]` segments, e.g. `delivery.route[2].next_hop`.
+fn path_of(text: &str) -> KeyPath {
+    let mut path = KeyPath::root();
+    for part in text.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        path = path.key(name);
+        if let Some(i) = index {
+            path = path.index(i);
+        }
+    }
+    path
 }
 
 fn section(name: &str) -> KeyPath {

@@ -5,6 +5,7 @@
 //! any store, so no store ever sees plaintext.
 
 pub mod keys;
+pub mod schedule;
 pub mod sqlite;
 
 use std::net::IpAddr;
@@ -127,6 +128,8 @@ impl RecipientStatus {
 /// One recipient row as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredRecipient {
+    /// Row id, unique in the store.
+    pub id: i64,
     pub address: String,
     pub domain: String,
     pub decision: Decision,
@@ -162,8 +165,38 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<StoredMessage>, QueueError>;
     /// One message with its recipients and sealed body.
     async fn get(&self, id: &MessageId) -> Result<Option<StoredMessage>, QueueError>;
+    /// Claims up to `limit` due recipients (queued or deferred, `next_attempt <= now`, no live
+    /// lease) for `owner` until `lease_until`, atomically: two workers never claim the same
+    /// recipient while its lease lasts. Returns their messages (with bodies), each carrying only
+    /// its claimed recipients. A crashed owner's recipients come back once the lease runs out.
+    async fn claim(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, QueueError>;
+    /// Records attempt outcomes (attempts + 1) and releases the leases, in one transaction.
+    async fn finish(&self, updates: &[RecipientUpdate]) -> Result<(), QueueError>;
+    /// Makes the open recipients of one message (or of all, with `None`) due at `now`;
+    /// returns how many.
+    async fn retry(&self, id: Option<&MessageId>, now: DateTime<Utc>) -> Result<u64, QueueError>;
+    /// Removes a message and its recipients; false when there was none.
+    async fn delete(&self, id: &MessageId) -> Result<bool, QueueError>;
     /// Finishes pending commits and stops background work.
     async fn close(&self);
+}
+
+/// The outcome of one attempt for one recipient, as the store records it.
+#[derive(Debug, Clone)]
+pub struct RecipientUpdate {
+    pub id: i64,
+    pub status: RecipientStatus,
+    /// When to try again (deferred); `None` for final states.
+    pub next_attempt: Option<DateTime<Utc>>,
+    pub last_reply: Option<String>,
+    /// Count this as an attempt (false for admin actions such as bounce).
+    pub attempted: bool,
 }
 
 /// The queue: seals bodies, then hands them to the store.
@@ -171,17 +204,30 @@ pub trait Store: Send + Sync + 'static {
 pub struct Queue {
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
+    /// Wakes the delivery loop when a message was queued.
+    queued: Arc<tokio::sync::Notify>,
 }
 
 impl Queue {
     pub fn new(store: Arc<dyn Store>, keys: Arc<KeyRing>) -> Queue {
-        Queue { store, keys }
+        Queue {
+            store,
+            keys,
+            queued: Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
     /// Seals `body` (in place, no copy) and stores the message durably.
     pub async fn enqueue(&self, envelope: Envelope, body: Vec<u8>) -> Result<(), QueueError> {
         let sealed = self.keys.seal(&envelope.id, body)?;
-        self.store.insert(envelope, sealed).await
+        self.store.insert(envelope, sealed).await?;
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// Completes when a message has been queued since the last call.
+    pub async fn wait_queued(&self) {
+        self.queued.notified().await
     }
 
     pub async fn list(&self) -> Result<Vec<StoredMessage>, QueueError> {
@@ -199,6 +245,28 @@ impl Queue {
             reason: "no body stored".to_string(),
         })?;
         Ok(self.keys.open(&message.id, body)?)
+    }
+
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, QueueError> {
+        self.store.claim(owner, now, lease_until, limit).await
+    }
+
+    pub async fn finish(&self, updates: &[RecipientUpdate]) -> Result<(), QueueError> {
+        self.store.finish(updates).await
+    }
+
+    pub async fn retry(&self, id: Option<&MessageId>) -> Result<u64, QueueError> {
+        self.store.retry(id, Utc::now()).await
+    }
+
+    pub async fn delete(&self, id: &MessageId) -> Result<bool, QueueError> {
+        self.store.delete(id).await
     }
 
     pub async fn close(&self) {

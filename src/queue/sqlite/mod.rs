@@ -189,6 +189,29 @@ impl Store for SqliteStore {
         Ok(Some(message))
     }
 
+    async fn claim(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, QueueError> {
+        let ids = work::claim_rows(&self.readers, owner, &now, &lease_until, limit).await?;
+        work::claimed_messages(&self.readers, &ids).await
+    }
+
+    async fn finish(&self, updates: &[crate::queue::RecipientUpdate]) -> Result<(), QueueError> {
+        Ok(work::finish(&self.readers, updates).await?)
+    }
+
+    async fn retry(&self, id: Option<&MessageId>, now: DateTime<Utc>) -> Result<u64, QueueError> {
+        Ok(work::retry(&self.readers, id, &now).await?)
+    }
+
+    async fn delete(&self, id: &MessageId) -> Result<bool, QueueError> {
+        Ok(work::delete(&self.readers, id).await?)
+    }
+
     async fn close(&self) {
         drop(
             self.writer
@@ -284,6 +307,7 @@ fn parse_time(id: &str, s: &str) -> Result<DateTime<Utc>, QueueError> {
 mod write;
 
 mod read;
+mod work;
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,7 @@ pub(super) struct SealedRow {
 
 #[derive(sqlx::FromRow)]
 pub(super) struct RecipientRow {
+    id: i64,
     pub(super) message_id: String,
     address: String,
     domain: String,
@@ -38,8 +39,8 @@ pub(super) struct RecipientRow {
 
 const MESSAGE_COLUMNS: &str =
     "id, received_at, sender, client_ip, auth_user, message_id_header, size, key_id";
-const RECIPIENT_COLUMNS: &str =
-    "message_id, address, domain, decision, status, attempts, next_attempt, last_reply";
+pub(super) const RECIPIENT_COLUMNS: &str =
+    "id, message_id, address, domain, decision, status, attempts, next_attempt, last_reply";
 
 pub(super) async fn all_messages(
     conn: impl SqliteExecutor<'_>,
@@ -121,6 +122,7 @@ pub(super) fn recipient(row: RecipientRow) -> Result<StoredRecipient, QueueError
         None => None,
     };
     Ok(StoredRecipient {
+        id: row.id,
         address,
         domain: row.domain,
         decision,

@@ -1,0 +1,122 @@
+//! Delivery work: claims with leases, outcomes, admin retry and delete.
+//!
+//! A claim is one `UPDATE … RETURNING` statement, so it is atomic without a read-then-write
+//! transaction (which WAL could refuse with SQLITE_BUSY_SNAPSHOT).
+
+use sqlx::Row;
+
+use super::*;
+use crate::queue::RecipientUpdate;
+
+const OPEN: &str = "status IN ('queued', 'deferred')";
+
+/// Claims due recipients; returns `(recipient row id, message id)` pairs.
+pub(super) async fn claim_rows(
+    pool: &SqlitePool,
+    owner: &str,
+    now: &DateTime<Utc>,
+    lease_until: &DateTime<Utc>,
+    limit: usize,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let sql = format!(
+        "UPDATE recipients SET lease_owner = ?1, lease_until = ?2 \
+         WHERE id IN (SELECT id FROM recipients \
+             WHERE {OPEN} AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3) \
+             ORDER BY next_attempt, id LIMIT ?4) \
+         RETURNING id"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(owner)
+        .bind(timestamp(lease_until))
+        .bind(timestamp(now))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(|r| r.try_get::<i64, _>(0)).collect()
+}
+
+/// The claimed recipients' messages with bodies, each with only its claimed recipients.
+pub(super) async fn claimed_messages(
+    pool: &SqlitePool,
+    ids: &[i64],
+) -> Result<Vec<StoredMessage>, QueueError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = pool.begin().await?;
+    let placeholders = vec!["?"; ids.len()].join(",");
+    let sql = format!(
+        "SELECT {} FROM recipients WHERE id IN ({placeholders}) ORDER BY message_id, id",
+        read::RECIPIENT_COLUMNS
+    );
+    let mut query = sqlx::query_as::<_, read::RecipientRow>(&sql);
+    for id in ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(&mut *tx).await?;
+    let mut out: Vec<StoredMessage> = Vec::new();
+    for row in rows {
+        if out.last().map(|m| m.id.as_str()) != Some(row.message_id.as_str()) {
+            let id = MessageId::from_string(row.message_id.clone());
+            let Some(message) = read::one_message(&mut *tx, &id).await? else {
+                continue;
+            };
+            out.push(read::sealed_message(message)?);
+        }
+        if let Some(message) = out.last_mut() {
+            message.recipients.push(read::recipient(row)?);
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Records outcomes and releases leases in one transaction.
+pub(super) async fn finish(
+    pool: &SqlitePool,
+    updates: &[RecipientUpdate],
+) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    for u in updates {
+        sqlx::query(
+            "UPDATE recipients SET status = ?1, attempts = attempts + ?2, next_attempt = ?3, \
+             last_reply = COALESCE(?4, last_reply), lease_owner = NULL, lease_until = NULL \
+             WHERE id = ?5",
+        )
+        .bind(u.status.as_str())
+        .bind(i64::from(u.attempted))
+        .bind(u.next_attempt.as_ref().map(timestamp))
+        .bind(u.last_reply.as_deref())
+        .bind(u.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// Makes open recipients due now.
+pub(super) async fn retry(
+    pool: &SqlitePool,
+    id: Option<&MessageId>,
+    now: &DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "UPDATE recipients SET next_attempt = ?1 WHERE {OPEN} AND (?2 IS NULL OR message_id = ?2)"
+    );
+    let done = sqlx::query(&sql)
+        .bind(timestamp(now))
+        .bind(id.map(|i| i.as_str()))
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes a message; recipients go with it (ON DELETE CASCADE).
+pub(super) async fn delete(pool: &SqlitePool, id: &MessageId) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM messages WHERE id = ?1")
+        .bind(id.as_str())
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
