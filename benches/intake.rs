@@ -39,6 +39,10 @@ create_if_missing = true
 [[encryption.key]]
 id = "k1"
 file = "data/keys/k1.key"
+[delivery]
+enabled = false
+[dns]
+nameservers = ["127.0.0.1:9"]
 "#;
 
 fn start(dir: &std::path::Path) -> (std::process::Child, SocketAddr) {

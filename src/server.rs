@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::config::Loaded;
+use crate::delivery::tls::TlsClients;
+use crate::delivery::{Deliverer, Parts};
+use crate::dns::Dns;
 use crate::listener::{self, auth, tls, Context, Listeners};
 use crate::policy::Policy;
 use crate::queue::sqlite::SqliteStore;
@@ -32,6 +35,12 @@ pub enum ServeError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Listen(#[from] listener::ListenError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
+    #[error("outbound TLS: {0}")]
+    TlsClient(String),
+    #[error("delivery routes: {0}")]
+    Routes(String),
 }
 
 /// Runs the relay until `stop` completes. `on_ready` receives the bound addresses (tests and
@@ -83,13 +92,28 @@ pub async fn serve(
         queue: queue.clone(),
         audit: audit.clone(),
     });
+    let deliverer = deliverer(&loaded, queue.clone(), audit.clone())?;
     let shutdown = Shutdown::new();
     let accepting = tokio::spawn(listeners.run(ctx, shutdown.signal(), shutdown.guard()));
+    let grace = cfg.server.shutdown_grace;
+    let delivering = match cfg.delivery.enabled {
+        true => Some(tokio::spawn(deliverer.run(shutdown.signal(), grace))),
+        false => {
+            tracing::warn!("delivery is disabled ([delivery] enabled = false): mail stays queued");
+            None
+        }
+    };
     on_ready(&addresses);
     stop.await;
     tracing::info!("shutting down: no new connections; waiting for sessions in DATA");
     let drained = shutdown.drain(cfg.server.shutdown_grace).await;
     accepting.abort();
+    if let Some(Err(e)) = match delivering {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        tracing::error!(error = %e, "the delivery loop ended abnormally");
+    }
     // Close the queue first: a session still running after the grace period can no longer
     // have a message acknowledged (it gets 451), so nothing unacknowledged is kept and nothing
     // acknowledged is lost. Then the last audit record.
@@ -107,6 +131,27 @@ pub async fn serve(
     audit.close().await;
     stopped?;
     Ok(())
+}
+
+/// The delivery side: resolver, outbound TLS, routes.
+fn deliverer(loaded: &Loaded, queue: Queue, audit: AuditLog) -> Result<Arc<Deliverer>, ServeError> {
+    let cfg = &loaded.config;
+    let testing = cfg.testing.clone().unwrap_or_default();
+    let tls = TlsClients::new(&testing.extra_roots).map_err(ServeError::TlsClient)?;
+    let parts = Parts {
+        queue,
+        audit,
+        dns: Dns::new(&cfg.dns)?,
+        tls,
+        policy: Policy::compile(&loaded.policy),
+        cfg: cfg.delivery.clone(),
+        hostname: cfg.server.hostname.clone(),
+        mx_port: testing.mx_port.unwrap_or(25),
+    };
+    Deliverer::new(parts).map_err(|errors| {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        ServeError::Routes(text.join("; "))
+    })
 }
 
 /// Creates a directory (and parents) readable only by the service user.

@@ -50,7 +50,7 @@ pub enum AuditError {
 type Ack = oneshot::Sender<Result<u64, AuditError>>;
 
 enum Request {
-    Record(AuditEvent, Ack),
+    Record(Box<AuditEvent>, Ack),
     Close,
 }
 
@@ -84,7 +84,7 @@ impl AuditLog {
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
         let (ack, wait) = oneshot::channel();
         self.tx
-            .send(Request::Record(event, ack))
+            .send(Request::Record(Box::new(event), ack))
             .await
             .map_err(|_| AuditError::Closed)?;
         wait.await.map_err(|_| AuditError::Closed)?
@@ -318,7 +318,7 @@ type Outcome = Result<u64, AuditError>;
 /// writer ends once what was already queued is written.
 fn take(request: Request, batch: &mut Vec<Pending>, rx: &mut mpsc::Receiver<Request>) {
     match request {
-        Request::Record(event, ack) => batch.push((event, ack)),
+        Request::Record(event, ack) => batch.push((*event, ack)),
         Request::Close => rx.close(),
     }
 }

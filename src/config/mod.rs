@@ -242,6 +242,10 @@ pub struct Dns {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Delivery {
+    /// Deliver queued mail. `false` keeps everything queued (intake only; like Postfix's
+    /// `defer_transports` for all mail); `sealpost queue` still works.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// Name sent in EHLO; `server.hostname` when absent (Postfix: smtp_helo_name).
     pub helo_name: Option<String>,
     /// Concurrent deliveries (Postfix: default_process_limit for smtp).
@@ -447,6 +451,7 @@ impl Default for Dns {
 impl Default for Delivery {
     fn default() -> Self {
         Delivery {
+            enabled: true,
             helo_name: None,
             workers: default_workers(),
             retry_schedule: default_retry_schedule(),

@@ -42,6 +42,8 @@ pub struct Zone {
     records: HashMap<(String, RecordType), Vec<RData>>,
     servfail: HashSet<String>,
     silent: HashSet<String>,
+    /// TTL of positive answers; [`TTL`] unless set with [`Zone::ttl`].
+    ttl: Option<u32>,
 }
 
 /// ASCII (IDNA A-labels), lower case, no trailing dot.
@@ -62,6 +64,12 @@ fn fqdn(name: &str) -> Name {
 impl Zone {
     pub fn new() -> Zone {
         Zone::default()
+    }
+
+    /// Serves positive answers with this TTL (0: resolvers must not cache them).
+    pub fn ttl(mut self, secs: u32) -> Zone {
+        self.ttl = Some(secs);
+        self
     }
 
     /// Any record.
@@ -139,7 +147,7 @@ impl Zone {
         match self.records.get(&(name.to_string(), rtype)) {
             Some(data) => Answer::Records(
                 data.iter()
-                    .map(|d| Record::from_rdata(fqdn(name), TTL, d.clone()))
+                    .map(|d| Record::from_rdata(fqdn(name), self.ttl.unwrap_or(TTL), d.clone()))
                     .collect(),
             ),
             None if self.exists(name) => Answer::Code(ResponseCode::NoError),

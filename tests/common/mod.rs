@@ -2,6 +2,7 @@
 //! client over TCP or TLS, and test certificates made with rcgen.
 #![allow(dead_code)]
 pub mod dns;
+pub mod sink;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -49,6 +50,8 @@ pub struct Options {
     /// Extra TOML for `[auth]` (e.g. `max_failures = 2`).
     pub auth: String,
     pub shutdown_grace: String,
+    /// Extra TOML appended to the config (e.g. `[dns]`, `[delivery]`, `[testing]`).
+    pub extra: String,
 }
 
 impl Default for Options {
@@ -59,6 +62,10 @@ impl Default for Options {
             users: vec![("app".to_string(), "s3cret-pass".to_string())],
             auth: String::new(),
             shutdown_grace: "10s".to_string(),
+            // Intake-only by default: nothing leaves, and DNS points at a closed loopback port
+            // so no test ever queries a resolver off this machine.
+            extra: "[delivery]\nenabled = false\n\n[dns]\nnameservers = [\"127.0.0.1:9\"]\n"
+                .to_string(),
         }
     }
 }
@@ -141,12 +148,15 @@ file = "data/keys/k1.key"
 
 [audit]
 path = "data/audit.jsonl"
+
+{extra}
 "#,
         grace = opts.shutdown_grace,
         limits = opts.limits,
         trusted = opts.trusted,
         auth = opts.auth,
         users = users,
+        extra = opts.extra,
     );
     let path = dir.join("sealpost.toml");
     std::fs::write(&path, config).unwrap();
@@ -264,9 +274,31 @@ impl Relay {
     /// The audit log, parsed.
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.path("data/audit.jsonl")).unwrap_or_default();
+        // The relay may be appending right now: a torn last line is skipped, not an error.
         text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Waits (polling the file every 20 ms, at most 30 s) for an audit event matching `pred`.
+    /// The relay is another process: its audit log is the event we can observe.
+    pub async fn wait_audit(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(e) = self.audit_events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no audit event {what} within 30s; log: {:#?}",
+                self.audit_events()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn connect(&self) -> Client<TcpStream> {

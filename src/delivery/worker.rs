@@ -1,0 +1,172 @@
+//! The delivery loop: claim due recipients with a lease, split them by destination domain and
+//! deliver each group in its own task, bounded by `delivery.workers` and by
+//! `max_connections_per_destination` per domain.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::audit::AuditLog;
+use crate::config;
+use crate::dns::Dns;
+use crate::policy::Policy;
+use crate::queue::{Queue, StoredMessage, StoredRecipient};
+use crate::shutdown::Signal;
+
+use super::mx::{RouteError, Routes};
+use super::pool::Pool;
+use super::tls::TlsClients;
+
+/// Everything a delivery task needs, shared.
+pub struct Deliverer {
+    pub(super) queue: Queue,
+    pub(super) audit: AuditLog,
+    pub(super) dns: Dns,
+    pub(super) routes: Routes,
+    pub(super) tls: TlsClients,
+    pub(super) policy: Policy,
+    pub(super) cfg: config::Delivery,
+    /// Name in EHLO and in DSNs' Reporting-MTA.
+    pub(super) helo: String,
+    /// Port dialled for MX hosts: 25, or `[testing] mx_port`.
+    pub(super) mx_port: u16,
+    pub(super) pool: Pool,
+    /// Lease owner name of this node.
+    owner: String,
+    per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// One message's recipients at one domain, delivered in one transaction.
+pub(super) struct Group {
+    pub message: Arc<StoredMessage>,
+    pub domain: String,
+    pub recipients: Vec<StoredRecipient>,
+}
+
+/// Pieces from `serve` the deliverer is built from.
+pub struct Parts {
+    pub queue: Queue,
+    pub audit: AuditLog,
+    pub dns: Dns,
+    pub tls: TlsClients,
+    pub policy: Policy,
+    pub cfg: config::Delivery,
+    pub hostname: String,
+    pub mx_port: u16,
+}
+
+impl Deliverer {
+    /// Fails only on routes `check` would reject.
+    pub fn new(parts: Parts) -> Result<Arc<Deliverer>, Vec<RouteError>> {
+        let helo = parts.cfg.helo_name.clone().unwrap_or(parts.hostname);
+        Ok(Arc::new(Deliverer {
+            routes: Routes::from_config(&parts.cfg)?,
+            pool: Pool::new(parts.cfg.max_messages_per_connection),
+            owner: format!("{helo}:{}", std::process::id()),
+            per_domain: Mutex::new(HashMap::new()),
+            queue: parts.queue,
+            audit: parts.audit,
+            dns: parts.dns,
+            tls: parts.tls,
+            policy: parts.policy,
+            cfg: parts.cfg,
+            helo,
+            mx_port: parts.mx_port,
+        }))
+    }
+
+    /// Runs until `signal`; then waits up to `grace` for deliveries in flight. Recipients of
+    /// deliveries cut off then keep their lease until it runs out and are retried.
+    pub async fn run(self: Arc<Self>, mut signal: Signal, grace: Duration) {
+        let slots = Arc::new(Semaphore::new(self.cfg.workers.max(1)));
+        let mut tasks = JoinSet::new();
+        while !signal.is_shutdown() {
+            let claimed = self.claim(slots.available_permits()).await;
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = signal.recv() => break,
+                    _ = self.queue.wait_queued() => {}
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                }
+                continue;
+            }
+            for group in groups(claimed) {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                tasks.spawn(self.clone().deliver(group, permit));
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+        self.pool.clear();
+    }
+
+    async fn claim(&self, free: usize) -> Vec<StoredMessage> {
+        if free == 0 {
+            return Vec::new();
+        }
+        let now = Utc::now();
+        let lease =
+            chrono::Duration::from_std(self.cfg.lease).unwrap_or(chrono::Duration::minutes(10));
+        match self.queue.claim(&self.owner, now, now + lease, free).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming due recipients failed");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn deliver(self: Arc<Self>, group: Group, _slot: OwnedSemaphorePermit) {
+        let limit = self.destination(&group.domain);
+        let Ok(_conn_slot) = limit.acquire_owned().await else {
+            return;
+        };
+        let results = self.attempt(&group).await;
+        self.record(&group, results).await;
+    }
+
+    /// The per-domain connection limit.
+    fn destination(&self, domain: &str) -> Arc<Semaphore> {
+        let mut map = self.per_domain.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(domain.to_string())
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(
+                    self.cfg.max_connections_per_destination.max(1),
+                ))
+            })
+            .clone()
+    }
+}
+
+/// Splits claimed messages into one group per (message, recipient domain).
+fn groups(claimed: Vec<StoredMessage>) -> Vec<Group> {
+    let mut out = Vec::new();
+    for mut message in claimed {
+        let recipients = std::mem::take(&mut message.recipients);
+        let message = Arc::new(message);
+        let mut by_domain: Vec<(String, Vec<StoredRecipient>)> = Vec::new();
+        for r in recipients {
+            match by_domain.iter_mut().find(|(d, _)| *d == r.domain) {
+                Some((_, list)) => list.push(r),
+                None => by_domain.push((r.domain.clone(), vec![r])),
+            }
+        }
+        for (domain, recipients) in by_domain {
+            out.push(Group {
+                message: message.clone(),
+                domain,
+                recipients,
+            });
+        }
+    }
+    out
+}
