@@ -334,3 +334,96 @@ async fn connections_are_reused_for_one_destination() {
         "connections were reused with RSET between messages ({resets})"
     );
 }
+
+/// Sends `count` bulk messages over one session, each pipelined in one write.
+async fn submit_bulk(addr: std::net::SocketAddr, count: usize, rcpt: String) {
+    let mut c = Client::new(TcpStream::connect(addr).await.unwrap());
+    c.expect("220").await;
+    c.cmd("EHLO bulk.test", "250").await;
+    let one = format!(
+        "MAIL FROM:<news@clinic.test>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n\
+         X-Sealpost-Lane: bulk\r\nSubject: newsletter\r\n\r\nhello\r\n.\r\n"
+    );
+    for _ in 0..count {
+        c.send(&one).await;
+        c.expect("250").await;
+        c.expect("250").await;
+        c.expect("354").await;
+        c.expect("250 2.0.0 Ok: queued as").await;
+    }
+    c.cmd("QUIT", "221").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_mail_never_waits_behind_a_bulk_backlog() {
+    let port = shared_port();
+    // The bulk destination accepts connections and never answers: every bulk worker is stuck.
+    let slow = Sink::builder()
+        .hang()
+        .start_on(format!("127.0.0.2:{port}"))
+        .await;
+    let fast = Sink::builder().start_on(format!("127.0.0.3:{port}")).await;
+    let dns = TestDns::start(
+        Zone::new()
+            .mx("bulk.test", 10, "mx.bulk.test")
+            .a("mx.bulk.test", "127.0.0.2")
+            .mx("example.test", 10, "mx.example.test")
+            .a("mx.example.test", "127.0.0.3"),
+    )
+    .await;
+    let relay = Relay::start(options(&dns, port, "bulk_workers = 2"));
+    let mut sessions = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        sessions.spawn(submit_bulk(relay.smtp, 500, "list@bulk.test".to_string()));
+    }
+    while let Some(done) = sessions.join_next().await {
+        done.unwrap();
+    }
+    slow.wait_connections(1).await;
+
+    let started = std::time::Instant::now();
+    let mut c: Client<TcpStream> = relay.connect().await;
+    c.cmd("EHLO app.test", "250").await;
+    c.cmd("MAIL FROM:<app@clinic.test>", "250").await;
+    c.cmd("RCPT TO:<pat@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("X-Sealpost-Lane: transactional\r\nSubject: lab result\r\n\r\nready\r\n")
+        .await;
+    c.cmd(".", "250").await;
+    let got = fast.wait_messages(1).await;
+    println!(
+        "transactional delivered {:?} after submission, behind 5,000 bulk",
+        started.elapsed()
+    );
+    let body = String::from_utf8_lossy(&got[0].body);
+    assert!(
+        !body.to_ascii_lowercase().contains("x-sealpost-lane"),
+        "lane header stripped: {body}"
+    );
+    assert_eq!(
+        slow.messages().len(),
+        0,
+        "the bulk destination never answered"
+    );
+    let bulk_open = relay
+        .queue_json()
+        .iter()
+        .filter(|m| m["lane"] == "bulk" && m["recipients"][0]["status"] == "queued")
+        .count();
+    assert!(bulk_open >= 4_990, "bulk backlog still queued: {bulk_open}");
+}
+
+#[tokio::test]
+async fn unknown_lane_is_refused_at_intake() {
+    let relay = Relay::start(Options::default());
+    let mut c: Client<TcpStream> = relay.connect().await;
+    c.cmd("EHLO app.test", "250").await;
+    c.cmd("MAIL FROM:<app@clinic.test>", "250").await;
+    c.cmd("RCPT TO:<pat@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("X-Sealpost-Lane: urgent\r\nSubject: x\r\n\r\nx\r\n")
+        .await;
+    let reply = c.cmd(".", "550 5.6.0").await;
+    assert!(reply.contains("\"urgent\""), "{reply}");
+    assert!(relay.queue_json().is_empty());
+}

@@ -63,6 +63,7 @@ fn envelope(recipients: &[&str], size: usize) -> Envelope {
         auth_user: Some("app".to_string()),
         message_id_header: Some("<abc@clinic.example>".to_string()),
         size: size as u64,
+        lane: sealpost::queue::Lane::Transactional,
     }
 }
 
@@ -400,15 +401,39 @@ async fn claims_leases_outcomes_retry_and_delete() {
     }
     let now = Utc::now() + chrono::Duration::seconds(1);
     let lease = now + chrono::Duration::minutes(10);
-    let a = queue.claim("node-a", now, lease, 2).await.unwrap();
+    let a = queue
+        .claim(
+            sealpost::queue::Lane::Transactional,
+            "node-a",
+            now,
+            lease,
+            2,
+        )
+        .await
+        .unwrap();
     assert_eq!(a.len(), 2);
     assert!(a
         .iter()
         .all(|m| m.body.is_some() && m.recipients.len() == 1));
-    let b = queue.claim("node-b", now, lease, 10).await.unwrap();
+    let b = queue
+        .claim(
+            sealpost::queue::Lane::Transactional,
+            "node-b",
+            now,
+            lease,
+            10,
+        )
+        .await
+        .unwrap();
     assert_eq!(b.len(), 1, "only the unclaimed recipient");
     assert!(queue
-        .claim("node-b", now, lease, 10)
+        .claim(
+            sealpost::queue::Lane::Transactional,
+            "node-b",
+            now,
+            lease,
+            10
+        )
         .await
         .unwrap()
         .is_empty());
@@ -416,7 +441,13 @@ async fn claims_leases_outcomes_retry_and_delete() {
     // node-a crashes: after its lease, its recipients are claimable again.
     let later = lease + chrono::Duration::seconds(1);
     let again = queue
-        .claim("node-c", later, later + chrono::Duration::minutes(10), 10)
+        .claim(
+            sealpost::queue::Lane::Transactional,
+            "node-c",
+            later,
+            later + chrono::Duration::minutes(10),
+            10,
+        )
         .await
         .unwrap();
     assert_eq!(again.len(), 3, "expired leases of a and b come back");
@@ -440,7 +471,11 @@ async fn claims_leases_outcomes_retry_and_delete() {
         .await
         .unwrap();
     let soon = later + chrono::Duration::minutes(1);
-    assert!(queue.claim("n", soon, soon, 10).await.unwrap().is_empty());
+    assert!(queue
+        .claim(sealpost::queue::Lane::Transactional, "n", soon, soon, 10)
+        .await
+        .unwrap()
+        .is_empty());
     let listed = queue.list().await.unwrap();
     let deferred = listed
         .iter()
@@ -454,7 +489,13 @@ async fn claims_leases_outcomes_retry_and_delete() {
     let due = Utc::now() + chrono::Duration::seconds(1);
     assert_eq!(
         queue
-            .claim("n", due, due + chrono::Duration::minutes(1), 10)
+            .claim(
+                sealpost::queue::Lane::Transactional,
+                "n",
+                due,
+                due + chrono::Duration::minutes(1),
+                10
+            )
             .await
             .unwrap()
             .len(),

@@ -248,9 +248,16 @@ pub struct Delivery {
     pub enabled: bool,
     /// Name sent in EHLO; `server.hostname` when absent (Postfix: smtp_helo_name).
     pub helo_name: Option<String>,
-    /// Concurrent deliveries (Postfix: default_process_limit for smtp).
+    /// Concurrent deliveries of the transactional lane (the default lane).
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Concurrent deliveries of the bulk lane (`X-Sealpost-Lane: bulk`); bulk mail never takes
+    /// a transactional worker.
+    #[serde(default = "default_bulk_workers")]
+    pub bulk_workers: usize,
+    /// Per-domain delivery rates (messages per minute).
+    #[serde(default, rename = "rate")]
+    pub rates: Vec<Rate>,
     /// Waits between attempts; after the list, the last wait doubles up to `max_retry_interval`.
     #[serde(default = "default_retry_schedule", with = "duration_list")]
     pub retry_schedule: Vec<Duration>,
@@ -303,6 +310,16 @@ pub struct ClientTimeouts {
     pub data_block: Duration,
     #[serde(default = "ten_minutes", with = "duration_str")]
     pub data_term: Duration,
+}
+
+/// `[[delivery.rate]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Recipient domain (exact, case-insensitive).
+    pub domain: String,
+    /// Messages per minute at most, spread evenly.
+    pub per_minute: u32,
 }
 
 /// `[[delivery.route]]`
@@ -398,6 +415,9 @@ fn default_dns_attempts() -> usize {
 fn default_workers() -> usize {
     32
 }
+fn default_bulk_workers() -> usize {
+    4
+}
 fn default_retry_schedule() -> Vec<Duration> {
     [5, 10, 20, 40, 60]
         .iter()
@@ -454,6 +474,8 @@ impl Default for Delivery {
             enabled: true,
             helo_name: None,
             workers: default_workers(),
+            bulk_workers: default_bulk_workers(),
+            rates: Vec::new(),
             retry_schedule: default_retry_schedule(),
             max_retry_interval: default_max_retry(),
             max_queue_lifetime: default_lifetime(),

@@ -72,6 +72,18 @@ fn check_delivery(delivery: &crate::config::Delivery, out: &mut Findings) {
     if delivery.workers == 0 {
         out.error(at.key("workers"), "must be at least 1".to_string());
     }
+    if delivery.bulk_workers == 0 {
+        out.error(at.key("bulk_workers"), "must be at least 1".to_string());
+    }
+    for (i, rate) in delivery.rates.iter().enumerate() {
+        if rate.per_minute == 0 {
+            let key = at.key("rate").index(i).key("per_minute");
+            out.error(
+                key,
+                "must be at least 1; to hold a domain's mail, use a route".to_string(),
+            );
+        }
+    }
     if delivery.retry_schedule.is_empty() {
         out.error(
             at.key("retry_schedule"),

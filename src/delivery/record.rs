@@ -178,6 +178,7 @@ impl Deliverer {
             auth_user: None,
             message_id_header: None,
             size: report.len() as u64,
+            lane: crate::queue::Lane::Transactional,
         };
         let event = AuditEvent::DsnQueued {
             queue_id: id,

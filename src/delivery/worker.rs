@@ -14,7 +14,7 @@ use crate::audit::AuditLog;
 use crate::config;
 use crate::dns::Dns;
 use crate::policy::Policy;
-use crate::queue::{Queue, StoredMessage, StoredRecipient};
+use crate::queue::{Lane, Queue, StoredMessage, StoredRecipient};
 use crate::shutdown::Signal;
 
 use super::mx::{RouteError, Routes};
@@ -38,6 +38,8 @@ pub struct Deliverer {
     /// Lease owner name of this node.
     owner: String,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per-domain pacing: spacing between messages and the next free slot.
+    rates: HashMap<String, (Duration, Mutex<tokio::time::Instant>)>,
 }
 
 /// One message's recipients at one domain, delivered in one transaction.
@@ -68,6 +70,16 @@ impl Deliverer {
             pool: Pool::new(parts.cfg.max_messages_per_connection),
             owner: format!("{helo}:{}", std::process::id()),
             per_domain: Mutex::new(HashMap::new()),
+            rates: parts
+                .cfg
+                .rates
+                .iter()
+                .map(|r| {
+                    let spacing = Duration::from_secs(60) / r.per_minute.max(1);
+                    let slot = Mutex::new(tokio::time::Instant::now());
+                    (r.domain.to_ascii_lowercase(), (spacing, slot))
+                })
+                .collect(),
             queue: parts.queue,
             audit: parts.audit,
             dns: parts.dns,
@@ -79,17 +91,43 @@ impl Deliverer {
         }))
     }
 
-    /// Runs until `signal`; then waits up to `grace` for deliveries in flight. Recipients of
-    /// deliveries cut off then keep their lease until it runs out and are retried.
-    pub async fn run(self: Arc<Self>, mut signal: Signal, grace: Duration) {
-        let slots = Arc::new(Semaphore::new(self.cfg.workers.max(1)));
+    /// Runs one loop per lane until `signal`; then waits up to `grace` for deliveries in
+    /// flight. Recipients of deliveries cut off then keep their lease until it runs out and are
+    /// retried.
+    pub async fn run(self: Arc<Self>, signal: Signal, grace: Duration) {
+        let mut lanes = JoinSet::new();
+        for lane in Lane::ALL {
+            let workers = match lane {
+                Lane::Transactional => self.cfg.workers,
+                Lane::Bulk => self.cfg.bulk_workers,
+            };
+            lanes.spawn(
+                self.clone()
+                    .run_lane(lane, workers.max(1), signal.clone(), grace),
+            );
+        }
+        while lanes.join_next().await.is_some() {}
+        self.pool.clear();
+    }
+
+    /// One lane: its own workers, claiming only its own recipients, so a bulk backlog never
+    /// delays transactional mail.
+    async fn run_lane(
+        self: Arc<Self>,
+        lane: Lane,
+        workers: usize,
+        mut signal: Signal,
+        grace: Duration,
+    ) {
+        let slots = Arc::new(Semaphore::new(workers));
+        let mut queued = self.queue.subscribe();
         let mut tasks = JoinSet::new();
         while !signal.is_shutdown() {
-            let claimed = self.claim(slots.available_permits()).await;
+            let claimed = self.claim(lane, slots.available_permits()).await;
             if claimed.is_empty() {
                 tokio::select! {
                     _ = signal.recv() => break,
-                    _ = self.queue.wait_queued() => {}
+                    _ = queued.changed() => {}
                     _ = tokio::time::sleep(self.cfg.poll_interval) => {}
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 }
@@ -103,23 +141,26 @@ impl Deliverer {
             }
             while tasks.try_join_next().is_some() {}
         }
-        let _ =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(grace, drain).await;
         tasks.abort_all();
-        self.pool.clear();
     }
 
-    async fn claim(&self, free: usize) -> Vec<StoredMessage> {
+    async fn claim(&self, lane: Lane, free: usize) -> Vec<StoredMessage> {
         if free == 0 {
             return Vec::new();
         }
         let now = Utc::now();
         let lease =
             chrono::Duration::from_std(self.cfg.lease).unwrap_or(chrono::Duration::minutes(10));
-        match self.queue.claim(&self.owner, now, now + lease, free).await {
+        match self
+            .queue
+            .claim(lane, &self.owner, now, now + lease, free)
+            .await
+        {
             Ok(claimed) => claimed,
             Err(e) => {
-                tracing::error!(error = %e, "claiming due recipients failed");
+                tracing::error!(error = %e, lane = lane.as_str(), "claiming due recipients failed");
                 Vec::new()
             }
         }
@@ -130,8 +171,23 @@ impl Deliverer {
         let Ok(_conn_slot) = limit.acquire_owned().await else {
             return;
         };
+        self.pace(&group.domain).await;
         let results = self.attempt(&group).await;
         self.record(&group, results).await;
+    }
+
+    /// Waits for the domain's next slot when `[[delivery.rate]]` limits it.
+    async fn pace(&self, domain: &str) {
+        let Some((spacing, next)) = self.rates.get(domain) else {
+            return;
+        };
+        let at = {
+            let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + *spacing;
+            at
+        };
+        tokio::time::sleep_until(at).await;
     }
 
     /// The per-domain connection limit.

@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::audit::{AuditEvent, RecipientDecision};
 use crate::ids::MessageId;
 use crate::policy::MessageFacts;
-use crate::queue::{Envelope, NewRecipient};
+use crate::queue::{Envelope, Lane, NewRecipient};
 use crate::smtp::{domain_of, replies, Reply};
 
 use super::io::{DataProblem, DataSink, End};
@@ -71,9 +71,18 @@ impl Session {
         conn: &mut Conn<S>,
         id: MessageId,
         tx: Transaction,
-        body: Vec<u8>,
+        mut body: Vec<u8>,
         header_len: usize,
     ) -> Option<Next> {
+        let lane = match take_lane(&mut body, header_len) {
+            Ok(lane) => lane,
+            Err(reason) => {
+                let reply = Reply::owned(550, "5.6.0", reason);
+                return self
+                    .reject(conn, "data", &reply, Some(tx.sender), None)
+                    .await;
+            }
+        };
         let message_id = message_id_header(&body[header_len..]);
         let recipients: Vec<NewRecipient> = tx
             .recipients
@@ -117,6 +126,7 @@ impl Session {
             auth_user: self.auth_user.clone(),
             message_id_header: message_id,
             size: body.len() as u64,
+            lane,
         };
         // The audit record first, then the queue: every queued message has its
         // `message.received` record, even across a crash between the two. Both are durable
@@ -176,6 +186,67 @@ fn problem_reply(problem: DataProblem) -> Reply {
     }
 }
 
+/// The header that picks the delivery lane; removed before the message is stored.
+const LANE_HEADER: &[u8] = b"x-sealpost-lane";
+
+/// Finds `X-Sealpost-Lane:` in the header block starting at `start`, removes it (with any
+/// folded continuation lines) and returns the lane; transactional when absent.
+fn take_lane(body: &mut Vec<u8>, start: usize) -> Result<Lane, String> {
+    let mut pos = start;
+    let mut found: Option<String> = None;
+    while pos < body.len() && !body[pos..].starts_with(b"\r\n") {
+        let end = field_end(body, pos);
+        let field = &body[pos..end];
+        let is_lane = field.len() > LANE_HEADER.len()
+            && field[..LANE_HEADER.len()].eq_ignore_ascii_case(LANE_HEADER)
+            && field[LANE_HEADER.len()..]
+                .trim_ascii_start()
+                .starts_with(b":");
+        if !is_lane {
+            pos = end;
+            continue;
+        }
+        if found.is_some() {
+            return Err("Message has more than one X-Sealpost-Lane header".to_string());
+        }
+        let colon = field
+            .iter()
+            .position(|b| *b == b':')
+            .unwrap_or(field.len() - 1);
+        let value: String = String::from_utf8_lossy(&field[colon + 1..])
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        found = Some(value);
+        body.drain(pos..end);
+    }
+    match found {
+        None => Ok(Lane::Transactional),
+        Some(value) => Lane::parse(&value).ok_or_else(|| {
+            let shown: String = value
+                .chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .take(64)
+                .collect();
+            format!("Unknown delivery lane {shown:?} in X-Sealpost-Lane; use \"transactional\" or \"bulk\"")
+        }),
+    }
+}
+
+/// The end (after its CRLF) of the header field starting at `pos`, including folded lines.
+fn field_end(body: &[u8], pos: usize) -> usize {
+    let mut end = pos;
+    loop {
+        end = match memchr::memmem::find(&body[end..], b"\r\n") {
+            Some(i) => end + i + 2,
+            None => return body.len(),
+        };
+        if !matches!(body.get(end), Some(b' ' | b'\t')) {
+            return end;
+        }
+    }
+}
+
 /// RFC 5321 §4.1.3 address literal body: `1.2.3.4` or `IPv6:…`.
 fn address_literal(ip: std::net::IpAddr) -> String {
     match ip {
@@ -212,6 +283,22 @@ mod tests {
         let long = format!("Message-ID: <{}@b>\r\n\r\n", "x".repeat(400));
         assert_eq!(message_id_header(long.as_bytes()), None);
         assert_eq!(message_id_header(b"Subject: none\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn lane_header_is_read_and_removed() {
+        let mut body = b"Received: x\r\nSubject: a\r\nX-Sealpost-Lane:\r\n bulk\r\nTo: b\r\n\r\nX-Sealpost-Lane: no\r\n".to_vec();
+        assert_eq!(take_lane(&mut body, 13), Ok(Lane::Bulk));
+        assert_eq!(
+            body,
+            b"Received: x\r\nSubject: a\r\nTo: b\r\n\r\nX-Sealpost-Lane: no\r\n".to_vec()
+        );
+        let mut plain = b"Subject: a\r\n\r\nbody".to_vec();
+        assert_eq!(take_lane(&mut plain, 0), Ok(Lane::Transactional));
+        let mut bad = b"x-sealpost-lane : urgent\r\n\r\n".to_vec();
+        assert!(take_lane(&mut bad, 0).unwrap_err().contains("\"urgent\""));
+        let mut two = b"X-Sealpost-Lane: bulk\r\nX-Sealpost-Lane: bulk\r\n\r\n".to_vec();
+        assert!(take_lane(&mut two, 0).is_err());
     }
 
     #[test]

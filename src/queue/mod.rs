@@ -62,6 +62,35 @@ pub struct NewRecipient {
     pub decision: Decision,
 }
 
+/// Delivery lane: transactional mail never waits behind bulk mail; each lane has its own workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    #[default]
+    Transactional,
+    Bulk,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Transactional, Lane::Bulk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Transactional => "transactional",
+            Lane::Bulk => "bulk",
+        }
+    }
+
+    /// Case-insensitive, as the `X-Sealpost-Lane` header value.
+    pub fn parse(s: &str) -> Option<Lane> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "transactional" => Some(Lane::Transactional),
+            "bulk" => Some(Lane::Bulk),
+            _ => None,
+        }
+    }
+}
+
 /// Envelope and facts of a message accepted at intake.
 #[derive(Debug, Clone, Serialize)]
 pub struct Envelope {
@@ -76,6 +105,7 @@ pub struct Envelope {
     pub message_id_header: Option<String>,
     /// Plaintext size in bytes.
     pub size: u64,
+    pub lane: Lane,
 }
 
 /// A body sealed with AES-256-GCM.
@@ -150,6 +180,7 @@ pub struct StoredMessage {
     pub message_id_header: Option<String>,
     pub size: u64,
     pub key_id: String,
+    pub lane: Lane,
     pub recipients: Vec<StoredRecipient>,
     #[serde(skip)]
     pub body: Option<SealedBody>,
@@ -171,6 +202,7 @@ pub trait Store: Send + Sync + 'static {
     /// its claimed recipients. A crashed owner's recipients come back once the lease runs out.
     async fn claim(
         &self,
+        lane: Lane,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
@@ -204,8 +236,8 @@ pub struct RecipientUpdate {
 pub struct Queue {
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
-    /// Wakes the delivery loop when a message was queued.
-    queued: Arc<tokio::sync::Notify>,
+    /// Counts queued messages so delivery loops wake at once (each loop holds a receiver).
+    queued: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Queue {
@@ -213,7 +245,7 @@ impl Queue {
         Queue {
             store,
             keys,
-            queued: Arc::new(tokio::sync::Notify::new()),
+            queued: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -221,13 +253,13 @@ impl Queue {
     pub async fn enqueue(&self, envelope: Envelope, body: Vec<u8>) -> Result<(), QueueError> {
         let sealed = self.keys.seal(&envelope.id, body)?;
         self.store.insert(envelope, sealed).await?;
-        self.queued.notify_one();
+        self.queued.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 
-    /// Completes when a message has been queued since the last call.
-    pub async fn wait_queued(&self) {
-        self.queued.notified().await
+    /// A receiver whose `changed()` completes whenever a message was queued since it last looked.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.queued.subscribe()
     }
 
     pub async fn list(&self) -> Result<Vec<StoredMessage>, QueueError> {
@@ -249,12 +281,13 @@ impl Queue {
 
     pub async fn claim(
         &self,
+        lane: Lane,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, QueueError> {
-        self.store.claim(owner, now, lease_until, limit).await
+        self.store.claim(lane, owner, now, lease_until, limit).await
     }
 
     pub async fn finish(&self, updates: &[RecipientUpdate]) -> Result<(), QueueError> {

@@ -191,12 +191,13 @@ impl Store for SqliteStore {
 
     async fn claim(
         &self,
+        lane: crate::queue::Lane,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, QueueError> {
-        let ids = work::claim_rows(&self.readers, owner, &now, &lease_until, limit).await?;
+        let ids = work::claim_rows(&self.readers, lane, owner, &now, &lease_until, limit).await?;
         work::claimed_messages(&self.readers, &ids).await
     }
 
@@ -334,6 +335,7 @@ mod tests {
             auth_user: None,
             message_id_header: None,
             size: 3,
+            lane: crate::queue::Lane::Transactional,
         };
         let body = SealedBody {
             key_id: "k".to_string(),

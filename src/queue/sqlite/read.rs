@@ -1,6 +1,7 @@
 //! Reads: list and get, each in one snapshot transaction.
 
 use super::*;
+use crate::queue::Lane;
 
 /// The envelope columns of `messages`.
 #[derive(sqlx::FromRow)]
@@ -13,6 +14,7 @@ pub(super) struct MessageRow {
     message_id_header: Option<String>,
     size: i64,
     key_id: String,
+    lane: String,
 }
 
 /// A message row with its sealed body.
@@ -38,7 +40,7 @@ pub(super) struct RecipientRow {
 }
 
 const MESSAGE_COLUMNS: &str =
-    "id, received_at, sender, client_ip, auth_user, message_id_header, size, key_id";
+    "id, received_at, sender, client_ip, auth_user, message_id_header, size, key_id, lane";
 pub(super) const RECIPIENT_COLUMNS: &str =
     "id, message_id, address, domain, decision, status, attempts, next_attempt, last_reply";
 
@@ -80,6 +82,8 @@ pub(super) async fn one_message(
 pub(super) fn message(row: MessageRow) -> Result<StoredMessage, QueueError> {
     let received_at = parse_time(&row.id, &row.received_at)?;
     let size = u64::try_from(row.size).map_err(|_| corrupt(&row.id, "negative size"))?;
+    let lane = Lane::parse(&row.lane)
+        .ok_or_else(|| corrupt(&row.id, &format!("unknown lane {:?}", row.lane)))?;
     Ok(StoredMessage {
         id: MessageId::from_string(row.id),
         received_at,
@@ -89,6 +93,7 @@ pub(super) fn message(row: MessageRow) -> Result<StoredMessage, QueueError> {
         message_id_header: row.message_id_header,
         size,
         key_id: row.key_id,
+        lane,
         recipients: Vec::new(),
         body: None,
     })

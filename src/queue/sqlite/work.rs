@@ -13,6 +13,7 @@ const OPEN: &str = "status IN ('queued', 'deferred')";
 /// Claims due recipients; returns `(recipient row id, message id)` pairs.
 pub(super) async fn claim_rows(
     pool: &SqlitePool,
+    lane: crate::queue::Lane,
     owner: &str,
     now: &DateTime<Utc>,
     lease_until: &DateTime<Utc>,
@@ -21,7 +22,8 @@ pub(super) async fn claim_rows(
     let sql = format!(
         "UPDATE recipients SET lease_owner = ?1, lease_until = ?2 \
          WHERE id IN (SELECT id FROM recipients \
-             WHERE {OPEN} AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3) \
+             WHERE lane = ?5 AND {OPEN} AND next_attempt <= ?3 \
+             AND (lease_until IS NULL OR lease_until < ?3) \
              ORDER BY next_attempt, id LIMIT ?4) \
          RETURNING id"
     );
@@ -30,6 +32,7 @@ pub(super) async fn claim_rows(
         .bind(timestamp(lease_until))
         .bind(timestamp(now))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(lane.as_str())
         .fetch_all(pool)
         .await?;
     rows.iter().map(|r| r.try_get::<i64, _>(0)).collect()

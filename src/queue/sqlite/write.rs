@@ -9,11 +9,11 @@ use super::*;
 const ROWS_PER_STATEMENT: usize = 32;
 
 const MESSAGE_INSERT: &str = "INSERT INTO messages (id, received_at, sender, client_ip, \
-    auth_user, message_id_header, size, key_id, nonce, body) VALUES ";
-const MESSAGE_VALUES: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    auth_user, message_id_header, size, key_id, lane, nonce, body) VALUES ";
+const MESSAGE_VALUES: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 const RECIPIENT_INSERT: &str = "INSERT INTO recipients (message_id, address, domain, \
-    decision, status, attempts, next_attempt) VALUES ";
-const RECIPIENT_VALUES: &str = "(?, ?, ?, ?, 'queued', 0, ?)";
+    decision, status, attempts, next_attempt, lane) VALUES ";
+const RECIPIENT_VALUES: &str = "(?, ?, ?, ?, 'queued', 0, ?, ?)";
 
 type Insert<'q> = Query<'q, Sqlite, SqliteArguments<'q>>;
 
@@ -24,6 +24,7 @@ struct Recipient {
     domain: String,
     decision: String,
     next_attempt: String,
+    lane: &'static str,
 }
 
 /// Inserts all rows in one `BEGIN IMMEDIATE` transaction; rolled back on any error.
@@ -65,6 +66,7 @@ fn bind_message(query: Insert<'_>, envelope: Envelope, body: SealedBody) -> Inse
         .bind(envelope.message_id_header)
         .bind(i64::try_from(envelope.size).unwrap_or(i64::MAX))
         .bind(body.key_id)
+        .bind(envelope.lane.as_str())
         .bind(body.nonce.to_vec())
         .bind(body.ciphertext)
 }
@@ -82,6 +84,7 @@ fn recipient_rows(rows: &[(Envelope, SealedBody)]) -> Result<Vec<Recipient>, sql
                 decision: serde_json::to_string(&r.decision)
                     .map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
                 next_attempt: received.clone(),
+                lane: envelope.lane.as_str(),
             });
         }
     }
@@ -102,7 +105,8 @@ async fn recipient_inserts(
                 .bind(r.address)
                 .bind(r.domain)
                 .bind(r.decision)
-                .bind(r.next_attempt);
+                .bind(r.next_attempt)
+                .bind(r.lane);
         }
         query.execute(&mut *conn).await?;
     }
