@@ -81,6 +81,11 @@ pub enum QueueCommand {
         #[arg(long, conflicts_with = "id")]
         all: bool,
     },
+    /// Fail a message's undelivered recipients now and send the sender a DSN (audited).
+    Bounce {
+        /// Queue id.
+        id: String,
+    },
     /// Remove a message from the queue without delivering it or telling the sender (audited).
     Delete {
         /// Queue id.
@@ -277,6 +282,9 @@ async fn queue(config_path: &Path, command: QueueCommand) -> anyhow::Result<i32>
             println!("{n} recipient(s) due now");
             0
         }
+        QueueCommand::Bounce { id } => {
+            queue_bounce(&queue, &loaded, &MessageId::from_string(id)).await?
+        }
         QueueCommand::Delete { id } => {
             let id = MessageId::from_string(id);
             let Some(message) = queue.get(&id).await? else {
@@ -361,6 +369,96 @@ async fn queue_show(
         println!("--- message (decrypted; this access was audited) ---");
         std::io::stdout().write_all(&body)?;
     }
+    Ok(0)
+}
+
+/// Fails the open recipients of a message and queues a DSN to its sender.
+async fn queue_bounce(queue: &Queue, loaded: &Loaded, id: &MessageId) -> anyhow::Result<i32> {
+    use crate::delivery::dsn::{Action, Reported};
+    use crate::delivery::notify::Notifier;
+    use crate::queue::{RecipientStatus, RecipientUpdate};
+    let Some(message) = queue.get(id).await? else {
+        eprintln!("no message {id} in the queue");
+        return Ok(1);
+    };
+    let open: Vec<_> = message
+        .recipients
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.status,
+                RecipientStatus::Queued | RecipientStatus::Deferred
+            )
+        })
+        .collect();
+    if open.is_empty() {
+        println!("{id}: no undelivered recipients; nothing to bounce");
+        return Ok(0);
+    }
+    let user = os_user();
+    let reason = format!("bounced by the administrator ({user})");
+    let updates: Vec<RecipientUpdate> = open
+        .iter()
+        .map(|r| RecipientUpdate {
+            id: r.id,
+            status: RecipientStatus::Failed,
+            next_attempt: None,
+            last_reply: Some(format!("5.0.0 {reason}")),
+            attempted: false,
+            warned: false,
+        })
+        .collect();
+    queue.finish(&updates).await?;
+    let cfg = &loaded.config;
+    let log = AuditLog::open(&cfg.audit.path).await?;
+    log.record(AuditEvent::AdminQueue {
+        action: "bounce".to_string(),
+        queue_id: Some(id.clone()),
+        recipients: open.len() as u64,
+        os_user: user,
+    })
+    .await?;
+    let mut reported = Vec::new();
+    for r in &open {
+        log.record(AuditEvent::DeliveryFailed {
+            queue_id: id.clone(),
+            recipient: r.address.clone(),
+            enhanced: "5.0.0".to_string(),
+            reason: reason.clone(),
+        })
+        .await?;
+        reported.push(Reported {
+            address: r.address.clone(),
+            action: Action::Failed,
+            status: "5.0.0".to_string(),
+            remote_mta: None,
+            diagnostic: Some(reason.clone()),
+        });
+    }
+    let policy = crate::policy::Policy::compile(&loaded.policy);
+    let reporting = cfg
+        .delivery
+        .helo_name
+        .as_deref()
+        .unwrap_or(&cfg.server.hostname);
+    let notifier = Notifier {
+        queue,
+        audit: &log,
+        policy: &policy,
+        reporting_mta: reporting,
+    };
+    match notifier.send(&message, &reported).await {
+        Some(dsn) => println!(
+            "{id}: {} recipient(s) failed; DSN {dsn} queued to <{}>",
+            open.len(),
+            message.sender
+        ),
+        None => println!(
+            "{id}: {} recipient(s) failed; no DSN (null sender)",
+            open.len()
+        ),
+    }
+    log.close().await;
     Ok(0)
 }
 

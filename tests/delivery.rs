@@ -4,46 +4,11 @@
 
 mod common;
 
+use common::delivery::{options, shared_port, submit};
 use common::dns::{TestDns, Zone};
 use common::sink::{Sink, TestCa};
 use common::{Client, Options, Relay};
 use tokio::net::TcpStream;
-
-/// A free port on 127.0.0.2 that the sinks of one test share.
-fn shared_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-    probe.local_addr().unwrap().port()
-}
-
-fn options(dns: &TestDns, port: u16, extra_delivery: &str) -> Options {
-    Options {
-        extra: format!(
-            "[dns]\nnameservers = [\"{}\"]\ntimeout = \"1s\"\nattempts = 1\n\n\
-             [delivery]\nretry_schedule = [\"1s\"]\nmax_retry_interval = \"1s\"\npoll_interval = \"200ms\"\n\
-             {extra_delivery}\n\n[testing]\nmx_port = {port}\n",
-            dns.addr
-        ),
-        ..Options::default()
-    }
-}
-
-/// Submits one message from `sender` to `rcpts`; returns its queue id.
-async fn submit(relay: &Relay, sender: &str, rcpts: &[&str], marker: &str) -> String {
-    let mut c: Client<TcpStream> = relay.connect().await;
-    c.cmd("EHLO app.test", "250").await;
-    c.cmd(&format!("MAIL FROM:<{sender}>"), "250").await;
-    for r in rcpts {
-        c.cmd(&format!("RCPT TO:<{r}>"), "250").await;
-    }
-    c.cmd("DATA", "354").await;
-    c.send(&format!(
-        "From: <{sender}>\r\nSubject: results\r\nMessage-ID: <{marker}-id@test>\r\n\r\n..line starting with a dot\r\nbody {marker}\r\n"
-    ))
-    .await;
-    let reply = c.cmd(".", "250 2.0.0 Ok: queued as ").await;
-    c.cmd("QUIT", "221").await;
-    reply.rsplit(' ').next().unwrap().to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_over_starttls_to_the_preferred_mx() {

@@ -460,6 +460,7 @@ async fn claims_leases_outcomes_retry_and_delete() {
         next_attempt: next,
         last_reply: Some("250 ok".into()),
         attempted: true,
+        warned: false,
     };
     let hour = later + chrono::Duration::hours(1);
     queue

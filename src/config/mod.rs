@@ -267,6 +267,10 @@ pub struct Delivery {
     /// Age after which an undelivered recipient fails with a DSN (Postfix: maximal_queue_lifetime).
     #[serde(default = "default_lifetime", with = "duration_str")]
     pub max_queue_lifetime: Duration,
+    /// Send the sender one "delayed" DSN when a recipient is still undelivered this long after
+    /// arrival (Postfix: delay_warning_time). Off when absent.
+    #[serde(default, with = "duration_opt")]
+    pub delay_warning: Option<Duration>,
     /// How long a claimed recipient stays with one worker before another may take it over.
     #[serde(default = "default_lease", with = "duration_str")]
     pub lease: Duration,
@@ -479,6 +483,7 @@ impl Default for Delivery {
             retry_schedule: default_retry_schedule(),
             max_retry_interval: default_max_retry(),
             max_queue_lifetime: default_lifetime(),
+            delay_warning: None,
             lease: default_lease(),
             poll_interval: default_poll(),
             max_connections_per_destination: default_per_destination(),
@@ -569,6 +574,24 @@ impl Default for Audit {
         Audit {
             path: default_audit_path(),
         }
+    }
+}
+
+/// An optional duration string.
+pub mod duration_opt {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration_str::deserialize(d).map(Some)
     }
 }
 

@@ -10,6 +10,7 @@ mod attempt;
 pub mod client;
 pub mod dsn;
 pub mod mx;
+pub mod notify;
 pub mod outcome;
 mod pool;
 mod record;

@@ -5,14 +5,11 @@ use chrono::Utc;
 
 use crate::audit::AuditEvent;
 use crate::ids::MessageId;
-use crate::policy::MessageFacts;
-use crate::queue::{
-    schedule, Envelope, NewRecipient, RecipientStatus, RecipientUpdate, StoredRecipient,
-};
-use crate::smtp::domain_of;
+use crate::queue::{schedule, RecipientStatus, RecipientUpdate, StoredRecipient};
 
 use super::attempt::Result_;
 use super::dsn;
+use super::notify::Notifier;
 use super::outcome::{Outcome, Verdict};
 use super::worker::{Deliverer, Group};
 
@@ -21,16 +18,25 @@ impl Deliverer {
         let now = Utc::now();
         let mut updates = Vec::with_capacity(results.len());
         let mut failed = Vec::new();
+        let mut delayed = Vec::new();
         for (rcpt, result) in group.recipients.iter().zip(results) {
-            let (update, event) = self.settle(group, rcpt, &result, now);
+            let (mut update, event) = self.settle(group, rcpt, &result, now);
+            let report = |action, status| dsn::Reported {
+                address: rcpt.address.clone(),
+                action,
+                status,
+                remote_mta: result.remote_mta.clone(),
+                diagnostic: Some(result.outcome.reason.clone()),
+            };
             if update.status == RecipientStatus::Failed {
-                failed.push(dsn::Reported {
-                    address: rcpt.address.clone(),
-                    action: dsn::Action::Failed,
-                    status: failure_status(&result.outcome),
-                    remote_mta: result.remote_mta.clone(),
-                    diagnostic: Some(result.outcome.reason.clone()),
-                });
+                failed.push(report(dsn::Action::Failed, failure_status(&result.outcome)));
+            } else if update.status == RecipientStatus::Deferred && self.warn_now(group, rcpt, now)
+            {
+                update.warned = true;
+                delayed.push(report(
+                    dsn::Action::Delayed,
+                    result.outcome.enhanced.clone(),
+                ));
             }
             updates.push(update);
             for e in event {
@@ -45,6 +51,20 @@ impl Deliverer {
         if !failed.is_empty() {
             self.bounce(group, &failed).await;
         }
+        if !delayed.is_empty() {
+            self.bounce(group, &delayed).await;
+        }
+    }
+
+    /// True when a delay warning is due for this recipient: configured, old enough, not sent.
+    fn warn_now(&self, group: &Group, rcpt: &StoredRecipient, now: chrono::DateTime<Utc>) -> bool {
+        let Some(after) = self.cfg.delay_warning else {
+            return false;
+        };
+        let age = (now - group.message.received_at)
+            .to_std()
+            .unwrap_or_default();
+        !rcpt.warned && age >= after
     }
 
     /// The queue update and audit events for one recipient's outcome.
@@ -64,6 +84,7 @@ impl Deliverer {
             next_attempt: next,
             last_reply: Some(format!("{} {}", outcome.enhanced, outcome.reason)),
             attempted: true,
+            warned: false,
         };
         match outcome.verdict {
             Verdict::Delivered => (
@@ -126,70 +147,14 @@ impl Deliverer {
         }
     }
 
-    /// Queues a DSN to the sender; never for the null sender (no DSN for a DSN).
     async fn bounce(&self, group: &Group, failed: &[dsn::Reported]) {
-        let original = &group.message;
-        if original.sender.is_empty() {
-            return;
-        }
-        let body = match self.queue.open_body(original) {
-            Ok(body) => body,
-            Err(e) => {
-                tracing::error!(queue_id = %original.id, error = %e, "cannot read the original for a DSN");
-                return;
-            }
+        let notifier = Notifier {
+            queue: &self.queue,
+            audit: &self.audit,
+            policy: &self.policy,
+            reporting_mta: &self.helo,
         };
-        let headers = dsn::header_block(&body);
-        let report = match dsn::build(
-            &self.helo,
-            &original.sender,
-            &original.id,
-            original.received_at,
-            headers,
-            failed,
-        ) {
-            Ok(report) => report,
-            Err(e) => {
-                tracing::error!(queue_id = %original.id, error = %e, "building a DSN failed");
-                return;
-            }
-        };
-        self.queue_dsn(group, failed, report).await;
-    }
-
-    async fn queue_dsn(&self, group: &Group, failed: &[dsn::Reported], report: Vec<u8>) {
-        let original = &group.message;
-        let to = original.sender.clone();
-        let id = MessageId::generate();
-        let decision = self.policy.decide(&MessageFacts {
-            sender: "",
-            recipient: &to,
-        });
-        let envelope = Envelope {
-            id: id.clone(),
-            received_at: Utc::now(),
-            sender: String::new(),
-            recipients: vec![NewRecipient {
-                address: to.clone(),
-                domain: domain_of(&to).unwrap_or_default(),
-                decision,
-            }],
-            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            auth_user: None,
-            message_id_header: None,
-            size: report.len() as u64,
-            lane: crate::queue::Lane::Transactional,
-        };
-        let event = AuditEvent::DsnQueued {
-            queue_id: id,
-            original: original.id.clone(),
-            to,
-            recipients: failed.iter().map(|f| f.address.clone()).collect(),
-        };
-        self.write(event).await;
-        if let Err(e) = self.queue.enqueue(envelope, report).await {
-            tracing::error!(queue_id = %original.id, error = %e, "queueing a DSN failed");
-        }
+        notifier.send(&group.message, failed).await;
     }
 
     pub(super) async fn write(&self, event: AuditEvent) {

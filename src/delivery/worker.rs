@@ -68,7 +68,9 @@ impl Deliverer {
         Ok(Arc::new(Deliverer {
             routes: Routes::from_config(&parts.cfg)?,
             pool: Pool::new(parts.cfg.max_messages_per_connection),
-            owner: format!("{helo}:{}", std::process::id()),
+            // Stable across restarts, distinct per node (the host name): a restarted node takes
+            // back its own unfinished leases at once.
+            owner: helo.clone(),
             per_domain: Mutex::new(HashMap::new()),
             rates: parts
                 .cfg
@@ -95,6 +97,14 @@ impl Deliverer {
     /// flight. Recipients of deliveries cut off then keep their lease until it runs out and are
     /// retried.
     pub async fn run(self: Arc<Self>, signal: Signal, grace: Duration) {
+        match self.queue.release(&self.owner).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                recipients = n,
+                "took back deliveries left unfinished by a previous run"
+            ),
+            Err(e) => tracing::error!(error = %e, "releasing leases of a previous run failed"),
+        }
         let mut lanes = JoinSet::new();
         for lane in Lane::ALL {
             let workers = match lane {

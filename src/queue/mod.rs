@@ -167,6 +167,8 @@ pub struct StoredRecipient {
     pub attempts: u32,
     pub next_attempt: Option<DateTime<Utc>>,
     pub last_reply: Option<String>,
+    /// A delay-warning DSN was sent for this recipient.
+    pub warned: bool,
 }
 
 /// A message as stored: envelope, recipients with their state, and the sealed body.
@@ -208,6 +210,9 @@ pub trait Store: Send + Sync + 'static {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, QueueError>;
+    /// Releases every lease held by `owner` (a node restarting after a crash takes its
+    /// unfinished recipients back at once instead of waiting for the leases to run out).
+    async fn release(&self, owner: &str) -> Result<u64, QueueError>;
     /// Records attempt outcomes (attempts + 1) and releases the leases, in one transaction.
     async fn finish(&self, updates: &[RecipientUpdate]) -> Result<(), QueueError>;
     /// Makes the open recipients of one message (or of all, with `None`) due at `now`;
@@ -229,6 +234,8 @@ pub struct RecipientUpdate {
     pub last_reply: Option<String>,
     /// Count this as an attempt (false for admin actions such as bounce).
     pub attempted: bool,
+    /// A delay-warning DSN was sent now (never cleared once set).
+    pub warned: bool,
 }
 
 /// The queue: seals bodies, then hands them to the store.
@@ -288,6 +295,10 @@ impl Queue {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, QueueError> {
         self.store.claim(lane, owner, now, lease_until, limit).await
+    }
+
+    pub async fn release(&self, owner: &str) -> Result<u64, QueueError> {
+        self.store.release(owner).await
     }
 
     pub async fn finish(&self, updates: &[RecipientUpdate]) -> Result<(), QueueError> {

@@ -1,6 +1,7 @@
 //! Shared test support: start the real `sealpost` binary on 127.0.0.1 with port 0, a raw SMTP
 //! client over TCP or TLS, and test certificates made with rcgen.
 #![allow(dead_code)]
+pub mod delivery;
 pub mod dns;
 pub mod sink;
 

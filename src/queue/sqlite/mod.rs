@@ -201,6 +201,10 @@ impl Store for SqliteStore {
         work::claimed_messages(&self.readers, &ids).await
     }
 
+    async fn release(&self, owner: &str) -> Result<u64, QueueError> {
+        Ok(work::release(&self.readers, owner).await?)
+    }
+
     async fn finish(&self, updates: &[crate::queue::RecipientUpdate]) -> Result<(), QueueError> {
         Ok(work::finish(&self.readers, updates).await?)
     }

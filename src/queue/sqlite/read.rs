@@ -37,12 +37,13 @@ pub(super) struct RecipientRow {
     attempts: i64,
     next_attempt: Option<String>,
     last_reply: Option<String>,
+    warned: i64,
 }
 
 const MESSAGE_COLUMNS: &str =
     "id, received_at, sender, client_ip, auth_user, message_id_header, size, key_id, lane";
 pub(super) const RECIPIENT_COLUMNS: &str =
-    "id, message_id, address, domain, decision, status, attempts, next_attempt, last_reply";
+    "id, message_id, address, domain, decision, status, attempts, next_attempt, last_reply, warned";
 
 pub(super) async fn all_messages(
     conn: impl SqliteExecutor<'_>,
@@ -135,6 +136,7 @@ pub(super) fn recipient(row: RecipientRow) -> Result<StoredRecipient, QueueError
         attempts,
         next_attempt,
         last_reply: row.last_reply,
+        warned: row.warned != 0,
     })
 }
 

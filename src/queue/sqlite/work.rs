@@ -74,6 +74,17 @@ pub(super) async fn claimed_messages(
     Ok(out)
 }
 
+/// Clears the leases of one owner.
+pub(super) async fn release(pool: &SqlitePool, owner: &str) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1",
+    )
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Records outcomes and releases leases in one transaction.
 pub(super) async fn finish(
     pool: &SqlitePool,
@@ -84,14 +95,15 @@ pub(super) async fn finish(
     for u in updates {
         sqlx::query(
             "UPDATE recipients SET status = ?1, attempts = attempts + ?2, next_attempt = ?3, \
-             last_reply = COALESCE(?4, last_reply), lease_owner = NULL, lease_until = NULL \
-             WHERE id = ?5",
+             last_reply = COALESCE(?4, last_reply), warned = MAX(warned, ?6), \
+             lease_owner = NULL, lease_until = NULL WHERE id = ?5",
         )
         .bind(u.status.as_str())
         .bind(i64::from(u.attempted))
         .bind(u.next_attempt.as_ref().map(timestamp))
         .bind(u.last_reply.as_deref())
         .bind(u.id)
+        .bind(i64::from(u.warned))
         .execute(&mut *tx)
         .await?;
     }
