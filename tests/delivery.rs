@@ -392,3 +392,29 @@ async fn unknown_lane_is_refused_at_intake() {
     assert!(reply.contains("\"urgent\""), "{reply}");
     assert!(relay.queue_json().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_to_an_ipv6_only_mx() {
+    let port = shared_port();
+    let Ok(probe) = std::net::TcpListener::bind(("::1", port)) else {
+        println!("skipped: no IPv6 loopback on this machine");
+        return;
+    };
+    drop(probe);
+    let sink = Sink::builder().start_on(format!("[::1]:{port}")).await;
+    let dns = TestDns::start(
+        Zone::new()
+            .mx("example.test", 10, "mx6.example.test")
+            .aaaa("mx6.example.test", "::1"),
+    )
+    .await;
+    let relay = Relay::start(options(&dns, port, ""));
+    let id = submit(&relay, "app@clinic.test", &["pat@example.test"], "v6").await;
+    sink.wait_messages(1).await;
+    let attempt = relay
+        .wait_audit("delivery.attempt", |e| {
+            e["event"] == "delivery.attempt" && e["queue_id"] == id.as_str()
+        })
+        .await;
+    assert_eq!(attempt["ip"], "::1");
+}

@@ -213,7 +213,8 @@ impl Deliverer {
     }
 }
 
-/// Splits claimed messages into one group per (message, recipient domain).
+/// Splits claimed messages into one group per (message, recipient domain, decision): one
+/// transaction carries only recipients that ask for the same TLS treatment.
 fn groups(claimed: Vec<StoredMessage>) -> Vec<Group> {
     let mut out = Vec::new();
     for mut message in claimed {
@@ -221,7 +222,10 @@ fn groups(claimed: Vec<StoredMessage>) -> Vec<Group> {
         let message = Arc::new(message);
         let mut by_domain: Vec<(String, Vec<StoredRecipient>)> = Vec::new();
         for r in recipients {
-            match by_domain.iter_mut().find(|(d, _)| *d == r.domain) {
+            let same = |(d, list): &&mut (String, Vec<StoredRecipient>)| {
+                *d == r.domain && list[0].decision == r.decision
+            };
+            match by_domain.iter_mut().find(same) {
                 Some((_, list)) => list.push(r),
                 None => by_domain.push((r.domain.clone(), vec![r])),
             }
