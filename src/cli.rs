@@ -397,18 +397,28 @@ async fn queue_bounce(queue: &Queue, loaded: &Loaded, id: &MessageId) -> anyhow:
     }
     let user = os_user();
     let reason = format!("bounced by the administrator ({user})");
-    let updates: Vec<RecipientUpdate> = open
-        .iter()
-        .map(|r| RecipientUpdate {
+    // One row at a time: a recipient a worker is delivering right now keeps its lease and
+    // is not bounced.
+    let mut bounced = Vec::new();
+    for r in open {
+        let update = RecipientUpdate {
             id: r.id,
             status: RecipientStatus::Failed,
             next_attempt: None,
             last_reply: Some(format!("5.0.0 {reason}")),
             attempted: false,
             warned: false,
-        })
-        .collect();
-    queue.finish(&updates).await?;
+        };
+        match queue.finish(None, std::slice::from_ref(&update)).await? {
+            0 => eprintln!("{}: being delivered right now; not bounced", r.address),
+            _ => bounced.push(r),
+        }
+    }
+    let open = bounced;
+    if open.is_empty() {
+        println!("{id}: nothing bounced");
+        return Ok(1);
+    }
     let cfg = &loaded.config;
     let log = AuditLog::open(&cfg.audit.path).await?;
     log.record(AuditEvent::AdminQueue {

@@ -463,14 +463,16 @@ async fn claims_leases_outcomes_retry_and_delete() {
         warned: false,
     };
     let hour = later + chrono::Duration::hours(1);
-    queue
-        .finish(&[
-            update(rid(&again[0]), RecipientStatus::Delivered, None),
-            update(rid(&again[1]), RecipientStatus::Deferred, Some(hour)),
-            update(rid(&again[2]), RecipientStatus::Failed, None),
-        ])
-        .await
-        .unwrap();
+    let outcomes = [
+        update(rid(&again[0]), RecipientStatus::Delivered, None),
+        update(rid(&again[1]), RecipientStatus::Deferred, Some(hour)),
+        update(rid(&again[2]), RecipientStatus::Failed, None),
+    ];
+    // node-a lost its leases to node-c: its late outcome changes nothing.
+    assert_eq!(queue.finish(Some("node-a"), &outcomes).await.unwrap(), 0);
+    // An operator cannot override a live lease either.
+    assert_eq!(queue.finish(None, &outcomes[..1]).await.unwrap(), 0);
+    assert_eq!(queue.finish(Some("node-c"), &outcomes).await.unwrap(), 3);
     let soon = later + chrono::Duration::minutes(1);
     assert!(queue
         .claim(sealpost::queue::Lane::Transactional, "n", soon, soon, 10)

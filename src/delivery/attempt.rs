@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::audit::AuditEvent;
-use crate::queue::schedule;
 
 use super::client::{ClientError, Connection, Outgoing, Transaction};
 use super::mx::{self, Hop};
@@ -28,11 +27,8 @@ enum Step {
 
 impl Deliverer {
     pub(super) async fn attempt(&self, group: &Group) -> Vec<Result_> {
-        let now = chrono::Utc::now();
-        if schedule::expired(group.message.received_at, now, self.cfg.max_queue_lifetime) {
-            let reason = "delivery time expired (max_queue_lifetime)".to_string();
-            return self.all(group, expired(reason), None);
-        }
+        // No expiry check here: the attempt at the deadline is a real one, and an expired
+        // recipient is failed (with `queue.expired`) when that attempt is recorded.
         let body = match self.queue.open_body(&group.message) {
             Ok(body) => body,
             Err(e) => {
@@ -57,7 +53,17 @@ impl Deliverer {
             smtputf8: !message.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
             eight_bit: body.iter().any(|b| *b >= 0x80),
         };
-        let tls = TlsRequirement::from_decision(&group.recipients[0].decision);
+        let decision = &group.recipients[0].decision;
+        if decision.mode == crate::policy::Mode::Portal {
+            // Escalated mail must never leave over SMTP; hold it until the portal exists.
+            let o = Outcome {
+                verdict: Verdict::Deferred,
+                enhanced: "4.7.0".into(),
+                reason: "held: portal delivery is not available yet".into(),
+            };
+            return self.all(group, o, None);
+        }
+        let tls = TlsRequirement::from_decision(decision);
         let mut last = None;
         for hop in &hops {
             for ip in &hop.addrs {
@@ -183,14 +189,6 @@ impl Deliverer {
         if let Err(e) = self.audit.record(event).await {
             tracing::error!(error = %e, "audit record for a delivery attempt failed");
         }
-    }
-}
-
-fn expired(reason: String) -> Outcome {
-    Outcome {
-        verdict: Verdict::Failed,
-        enhanced: "5.4.7".into(),
-        reason,
     }
 }
 

@@ -105,6 +105,9 @@ pub enum ClientError {
     /// The message needs SMTPUTF8 (RFC 6531), which the server does not offer; nothing was sent.
     #[error("message needs SMTPUTF8, which the server does not offer")]
     NeedsSmtpUtf8,
+    /// The envelope can never be sent (no recipients, an address SMTP cannot carry).
+    #[error("invalid envelope: {0}")]
+    InvalidEnvelope(String),
 }
 
 /// Longest wait for the reply to QUIT; the connection is done either way.
@@ -199,14 +202,14 @@ impl Connection {
             return Err(ClientError::NeedsSmtpUtf8);
         }
         if msg.recipients.is_empty() {
-            return Err(ClientError::Protocol(
+            return Err(ClientError::InvalidEnvelope(
                 "a transaction needs at least one recipient".to_string(),
             ));
         }
         let mut addrs =
             std::iter::once(msg.sender).chain(msg.recipients.iter().map(String::as_str));
         if let Some(bad) = addrs.find(|a| transaction::bad_address(a)) {
-            return Err(ClientError::Protocol(format!(
+            return Err(ClientError::InvalidEnvelope(format!(
                 "address {bad:?} cannot be sent in an SMTP command"
             )));
         }

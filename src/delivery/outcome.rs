@@ -36,12 +36,11 @@ impl Outcome {
 
 /// A remote reply: 2xx delivered, 4xx deferred, 5xx failed (RFC 5321 §4.2.1).
 pub fn of_reply(reply: &RemoteReply) -> Outcome {
-    let (verdict, default) = if reply.is_positive() {
-        (Verdict::Delivered, "2.0.0")
-    } else if reply.is_transient() {
-        (Verdict::Deferred, "4.0.0")
-    } else {
-        (Verdict::Failed, "5.0.0")
+    let (verdict, default) = match reply.code {
+        200..=299 => (Verdict::Delivered, "2.0.0"),
+        500..=599 => (Verdict::Failed, "5.0.0"),
+        // 4xx, and anything a final reply must not be (1xx, 3xx, nonsense): try again.
+        _ => (Verdict::Deferred, "4.0.0"),
     };
     let enhanced = reply.enhanced.as_deref().unwrap_or(default);
     Outcome::new(verdict, enhanced, reply.to_string())
@@ -64,6 +63,7 @@ pub fn of_client(err: &ClientError) -> Outcome {
         Rejected { reply, .. } => of_reply(reply),
         TooBig { .. } => Outcome::new(Verdict::Failed, "5.3.4", err.to_string()),
         NeedsSmtpUtf8 => Outcome::new(Verdict::Failed, "5.6.7", err.to_string()),
+        InvalidEnvelope(_) => Outcome::new(Verdict::Failed, "5.1.3", err.to_string()),
         Connect { .. } => Outcome::new(Verdict::Deferred, "4.4.1", err.to_string()),
         Timeout { .. } | Io { .. } => Outcome::new(Verdict::Deferred, "4.4.2", err.to_string()),
         TlsRequired(_) | TlsHandshake(_) => {
@@ -84,8 +84,9 @@ pub fn try_next_host(err: &ClientError) -> bool {
         Rejected { stage, reply } => {
             !in_transaction(stage) || reply.is_transient() && *stage == "MAIL"
         }
-        Protocol(_) => true,
-        TooBig { .. } | NeedsSmtpUtf8 => false,
+        // A garbled reply may come after the message was sent: never send it again elsewhere.
+        Protocol(_) => false,
+        TooBig { .. } | NeedsSmtpUtf8 | InvalidEnvelope(_) => false,
     }
 }
 

@@ -19,6 +19,7 @@ impl Deliverer {
         let mut updates = Vec::with_capacity(results.len());
         let mut failed = Vec::new();
         let mut delayed = Vec::new();
+        let mut events = Vec::new();
         for (rcpt, result) in group.recipients.iter().zip(results) {
             let (mut update, event) = self.settle(group, rcpt, &result, now);
             let report = |action, status| dsn::Reported {
@@ -39,14 +40,24 @@ impl Deliverer {
                 ));
             }
             updates.push(update);
-            for e in event {
-                self.write(e).await;
+            events.extend(event);
+        }
+        // The queue first: once the outcome is recorded, a cut-off task cannot cause a resend.
+        match self.queue.finish(Some(&group.lease), &updates).await {
+            Ok(n) if n as usize == updates.len() => {}
+            Ok(n) => {
+                // The lease ran out and another worker took over: its outcome stands.
+                tracing::warn!(queue_id = %group.message.id, recorded = n, of = updates.len(), "delivery lease lost; outcome not recorded");
+                return;
+            }
+            Err(e) => {
+                // The leases run out and the recipients are tried again: at least once, never lost.
+                tracing::error!(queue_id = %group.message.id, error = %e, "recording delivery outcomes failed");
+                return;
             }
         }
-        if let Err(e) = self.queue.finish(&updates).await {
-            // The leases run out and the recipients are tried again: at least once, never lost.
-            tracing::error!(queue_id = %group.message.id, error = %e, "recording delivery outcomes failed");
-            return;
+        for e in events {
+            self.write(e).await;
         }
         if !failed.is_empty() {
             self.bounce(group, &failed).await;

@@ -35,8 +35,10 @@ pub struct Deliverer {
     /// Port dialled for MX hosts: 25, or `[testing] mx_port`.
     pub(super) mx_port: u16,
     pub(super) pool: Pool,
-    /// Lease owner name of this node.
-    owner: String,
+    /// This node's name in leases; each claim's lease token is `node#n`.
+    node: String,
+    /// Claims made so far (makes lease tokens unique).
+    claims: std::sync::atomic::AtomicU64,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Per-domain pacing: spacing between messages and the next free slot.
     rates: HashMap<String, (Duration, Mutex<tokio::time::Instant>)>,
@@ -44,6 +46,8 @@ pub struct Deliverer {
 
 /// One message's recipients at one domain, delivered in one transaction.
 pub(super) struct Group {
+    /// The lease token of the claim this group came from.
+    pub lease: Arc<str>,
     pub message: Arc<StoredMessage>,
     pub domain: String,
     pub recipients: Vec<StoredRecipient>,
@@ -70,7 +74,8 @@ impl Deliverer {
             pool: Pool::new(parts.cfg.max_messages_per_connection),
             // Stable across restarts, distinct per node (the host name): a restarted node takes
             // back its own unfinished leases at once.
-            owner: helo.clone(),
+            node: helo.clone(),
+            claims: std::sync::atomic::AtomicU64::new(0),
             per_domain: Mutex::new(HashMap::new()),
             rates: parts
                 .cfg
@@ -97,7 +102,7 @@ impl Deliverer {
     /// flight. Recipients of deliveries cut off then keep their lease until it runs out and are
     /// retried.
     pub async fn run(self: Arc<Self>, signal: Signal, grace: Duration) {
-        match self.queue.release(&self.owner).await {
+        match self.queue.release(&self.node).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 recipients = n,
@@ -133,7 +138,7 @@ impl Deliverer {
         let mut queued = self.queue.subscribe();
         let mut tasks = JoinSet::new();
         while !signal.is_shutdown() {
-            let claimed = self.claim(lane, slots.available_permits()).await;
+            let (lease, claimed) = self.claim(lane, slots.available_permits()).await;
             if claimed.is_empty() {
                 tokio::select! {
                     _ = signal.recv() => break,
@@ -143,7 +148,7 @@ impl Deliverer {
                 }
                 continue;
             }
-            for group in groups(claimed) {
+            for group in groups(&lease, claimed) {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
@@ -156,22 +161,45 @@ impl Deliverer {
         tasks.abort_all();
     }
 
-    async fn claim(&self, lane: Lane, free: usize) -> Vec<StoredMessage> {
+    /// Claims due recipients under a fresh lease token; returns the token and the messages.
+    async fn claim(&self, lane: Lane, free: usize) -> (Arc<str>, Vec<StoredMessage>) {
+        let n = self
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token: Arc<str> = Arc::from(format!("{}#{n}", self.node));
         if free == 0 {
-            return Vec::new();
+            return (token, Vec::new());
         }
         let now = Utc::now();
-        let lease =
-            chrono::Duration::from_std(self.cfg.lease).unwrap_or(chrono::Duration::minutes(10));
         match self
             .queue
-            .claim(lane, &self.owner, now, now + lease, free)
+            .claim(lane, &token, now, now + self.lease(), free)
             .await
         {
-            Ok(claimed) => claimed,
+            Ok(claimed) => (token, claimed),
             Err(e) => {
                 tracing::error!(error = %e, lane = lane.as_str(), "claiming due recipients failed");
-                Vec::new()
+                (token, Vec::new())
+            }
+        }
+    }
+
+    fn lease(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.cfg.lease).unwrap_or(chrono::Duration::minutes(10))
+    }
+
+    /// Keeps a running delivery's lease alive (every third of the lease period) so no other
+    /// worker takes the recipients over while it still talks to the remote server.
+    async fn heartbeat(&self, group: &Group) {
+        let ids: Vec<i64> = group.recipients.iter().map(|r| r.id).collect();
+        let period = (self.cfg.lease / 3).max(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let until = Utc::now() + self.lease();
+            if let Err(e) = self.queue.extend(&group.lease, &ids, until).await {
+                tracing::warn!(error = %e, "extending a delivery lease failed");
             }
         }
     }
@@ -181,8 +209,13 @@ impl Deliverer {
         let Ok(_conn_slot) = limit.acquire_owned().await else {
             return;
         };
-        self.pace(&group.domain).await;
-        let results = self.attempt(&group).await;
+        let results = tokio::select! {
+            results = async {
+                self.pace(&group.domain).await;
+                self.attempt(&group).await
+            } => results,
+            _ = self.heartbeat(&group) => unreachable!("the heartbeat never ends"),
+        };
         self.record(&group, results).await;
     }
 
@@ -215,7 +248,7 @@ impl Deliverer {
 
 /// Splits claimed messages into one group per (message, recipient domain, decision): one
 /// transaction carries only recipients that ask for the same TLS treatment.
-fn groups(claimed: Vec<StoredMessage>) -> Vec<Group> {
+fn groups(lease: &Arc<str>, claimed: Vec<StoredMessage>) -> Vec<Group> {
     let mut out = Vec::new();
     for mut message in claimed {
         let recipients = std::mem::take(&mut message.recipients);
@@ -232,6 +265,7 @@ fn groups(claimed: Vec<StoredMessage>) -> Vec<Group> {
         }
         for (domain, recipients) in by_domain {
             out.push(Group {
+                lease: lease.clone(),
                 message: message.clone(),
                 domain,
                 recipients,

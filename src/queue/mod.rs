@@ -210,11 +210,27 @@ pub trait Store: Send + Sync + 'static {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, QueueError>;
-    /// Releases every lease held by `owner` (a node restarting after a crash takes its
-    /// unfinished recipients back at once instead of waiting for the leases to run out).
+    /// Releases every lease held by node `owner` (lease tokens `owner` and `owner#…`): a node
+    /// restarting after a crash takes its unfinished recipients back at once instead of
+    /// waiting for the leases to run out.
     async fn release(&self, owner: &str) -> Result<u64, QueueError>;
-    /// Records attempt outcomes (attempts + 1) and releases the leases, in one transaction.
-    async fn finish(&self, updates: &[RecipientUpdate]) -> Result<(), QueueError>;
+    /// Extends `owner`'s leases on these recipients (a delivery still running).
+    async fn extend(
+        &self,
+        owner: &str,
+        ids: &[i64],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), QueueError>;
+    /// Records outcomes (attempts + 1 when attempted) and releases the leases, in one
+    /// transaction. With `Some(owner)`, only rows still leased by `owner` change (a lease that
+    /// was lost to another worker is not overwritten); with `None` (an operator), only open
+    /// rows that no live lease holds. Returns how many rows changed.
+    async fn finish(
+        &self,
+        owner: Option<&str>,
+        now: DateTime<Utc>,
+        updates: &[RecipientUpdate],
+    ) -> Result<u64, QueueError>;
     /// Makes the open recipients of one message (or of all, with `None`) due at `now`;
     /// returns how many.
     async fn retry(&self, id: Option<&MessageId>, now: DateTime<Utc>) -> Result<u64, QueueError>;
@@ -301,8 +317,21 @@ impl Queue {
         self.store.release(owner).await
     }
 
-    pub async fn finish(&self, updates: &[RecipientUpdate]) -> Result<(), QueueError> {
-        self.store.finish(updates).await
+    pub async fn extend(
+        &self,
+        owner: &str,
+        ids: &[i64],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        self.store.extend(owner, ids, lease_until).await
+    }
+
+    pub async fn finish(
+        &self,
+        owner: Option<&str>,
+        updates: &[RecipientUpdate],
+    ) -> Result<u64, QueueError> {
+        self.store.finish(owner, Utc::now(), updates).await
     }
 
     pub async fn retry(&self, id: Option<&MessageId>) -> Result<u64, QueueError> {

@@ -93,6 +93,12 @@ impl Connection {
         data_reply: RemoteReply,
     ) -> Result<Transaction, ClientError> {
         if data_reply.code != 354 {
+            if data_reply.code < 400 {
+                // A 2xx to DATA would mark recipients delivered with no body sent.
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply to DATA: {data_reply}"
+                )));
+            }
             return Ok(Transaction {
                 rcpt,
                 data: Some(data_reply),

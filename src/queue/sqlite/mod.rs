@@ -205,8 +205,22 @@ impl Store for SqliteStore {
         Ok(work::release(&self.readers, owner).await?)
     }
 
-    async fn finish(&self, updates: &[crate::queue::RecipientUpdate]) -> Result<(), QueueError> {
-        Ok(work::finish(&self.readers, updates).await?)
+    async fn extend(
+        &self,
+        owner: &str,
+        ids: &[i64],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        Ok(work::extend(&self.readers, owner, ids, &lease_until).await?)
+    }
+
+    async fn finish(
+        &self,
+        owner: Option<&str>,
+        now: DateTime<Utc>,
+        updates: &[crate::queue::RecipientUpdate],
+    ) -> Result<u64, QueueError> {
+        Ok(work::finish(&self.readers, owner, &now, updates).await?)
     }
 
     async fn retry(&self, id: Option<&MessageId>, now: DateTime<Utc>) -> Result<u64, QueueError> {

@@ -74,40 +74,80 @@ pub(super) async fn claimed_messages(
     Ok(out)
 }
 
-/// Clears the leases of one owner.
-pub(super) async fn release(pool: &SqlitePool, owner: &str) -> Result<u64, sqlx::Error> {
+/// Clears the leases of one node: its tokens are `node` or `node#n`.
+pub(super) async fn release(pool: &SqlitePool, node: &str) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1",
+        "UPDATE recipients SET lease_owner = NULL, lease_until = NULL \
+         WHERE lease_owner = ?1 OR substr(lease_owner, 1, length(?1) + 1) = ?1 || '#'",
     )
-    .bind(owner)
+    .bind(node)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
 }
 
-/// Records outcomes and releases leases in one transaction.
+/// Extends leases still held by `owner`.
+pub(super) async fn extend(
+    pool: &SqlitePool,
+    owner: &str,
+    ids: &[i64],
+    lease_until: &DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let placeholders = vec!["?"; ids.len()].join(",");
+    let sql = format!(
+        "UPDATE recipients SET lease_until = ? WHERE lease_owner = ? AND id IN ({placeholders})"
+    );
+    let mut query = sqlx::query(&sql).bind(timestamp(lease_until)).bind(owner);
+    for id in ids {
+        query = query.bind(id);
+    }
+    query.execute(pool).await?;
+    Ok(())
+}
+
+/// Records outcomes and releases leases in one transaction; only rows the caller may change.
 pub(super) async fn finish(
     pool: &SqlitePool,
+    owner: Option<&str>,
+    now: &DateTime<Utc>,
     updates: &[RecipientUpdate],
-) -> Result<(), sqlx::Error> {
+) -> Result<u64, sqlx::Error> {
+    let guard = match owner {
+        // Both variants name ?7 and ?8 so the same eight values bind to either.
+        Some(_) => "lease_owner = ?7 AND ?8 IS NOT NULL",
+        None => {
+            "?7 IS NULL AND status IN ('queued', 'deferred') \
+             AND (lease_until IS NULL OR lease_until < ?8)"
+        }
+    };
+    let sql = format!(
+        "UPDATE recipients SET status = ?1, attempts = attempts + ?2, next_attempt = ?3, \
+         last_reply = COALESCE(?4, last_reply), warned = MAX(warned, ?6), \
+         lease_owner = NULL, lease_until = NULL WHERE id = ?5 AND {guard}"
+    );
+    let now = timestamp(now);
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let mut changed = 0;
     for u in updates {
-        sqlx::query(
-            "UPDATE recipients SET status = ?1, attempts = attempts + ?2, next_attempt = ?3, \
-             last_reply = COALESCE(?4, last_reply), warned = MAX(warned, ?6), \
-             lease_owner = NULL, lease_until = NULL WHERE id = ?5",
-        )
-        .bind(u.status.as_str())
-        .bind(i64::from(u.attempted))
-        .bind(u.next_attempt.as_ref().map(timestamp))
-        .bind(u.last_reply.as_deref())
-        .bind(u.id)
-        .bind(i64::from(u.warned))
-        .execute(&mut *tx)
-        .await?;
+        let done = sqlx::query(&sql)
+            .bind(u.status.as_str())
+            .bind(i64::from(u.attempted))
+            .bind(u.next_attempt.as_ref().map(timestamp))
+            .bind(u.last_reply.as_deref())
+            .bind(u.id)
+            .bind(i64::from(u.warned))
+            .bind(owner)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        changed += done.rows_affected();
     }
-    tx.commit().await
+    tx.commit().await?;
+    Ok(changed)
 }
 
 /// Makes open recipients due now.
