@@ -198,8 +198,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<StoredMessage>, QueueError>;
     /// One message with its recipients and sealed body.
     async fn get(&self, id: &MessageId) -> Result<Option<StoredMessage>, QueueError>;
-    /// Claims up to `limit` due recipients (queued or deferred, `next_attempt <= now`, no live
-    /// lease) for `owner` until `lease_until`, atomically: two workers never claim the same
+    /// Claims the due recipients (queued or deferred, `next_attempt <= now`, no live lease) of
+    /// up to `limit` messages for `owner` until `lease_until`, atomically: two workers never claim the same
     /// recipient while its lease lasts. Returns their messages (with bodies), each carrying only
     /// its claimed recipients. A crashed owner's recipients come back once the lease runs out.
     async fn claim(

@@ -197,8 +197,14 @@ impl Store for SqliteStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, QueueError> {
-        let ids = work::claim_rows(&self.readers, lane, owner, &now, &lease_until, limit).await?;
-        work::claimed_messages(&self.readers, &ids).await
+        // Lease and read in one IMMEDIATE transaction: if reading fails, no lease is left
+        // behind to strand the recipients until it runs out.
+        let mut conn = self.readers.acquire().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let ids = work::claim_rows(&mut tx, lane, owner, &now, &lease_until, limit).await?;
+        let claimed = work::claimed_messages(&mut tx, &ids).await?;
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     async fn release(&self, owner: &str) -> Result<u64, QueueError> {

@@ -10,21 +10,25 @@ use crate::queue::RecipientUpdate;
 
 const OPEN: &str = "status IN ('queued', 'deferred')";
 
-/// Claims due recipients; returns `(recipient row id, message id)` pairs.
+/// Claims the due recipients of up to `limit` messages; returns their row ids.
 pub(super) async fn claim_rows(
-    pool: &SqlitePool,
+    conn: &mut SqliteConnection,
     lane: crate::queue::Lane,
     owner: &str,
     now: &DateTime<Utc>,
     lease_until: &DateTime<Utc>,
     limit: usize,
 ) -> Result<Vec<i64>, sqlx::Error> {
+    // Whole messages: every due recipient of up to `limit` messages, so one message's
+    // recipients at one destination travel in one transaction.
+    let due = format!(
+        "lane = ?5 AND {OPEN} AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3)"
+    );
     let sql = format!(
         "UPDATE recipients SET lease_owner = ?1, lease_until = ?2 \
-         WHERE id IN (SELECT id FROM recipients \
-             WHERE lane = ?5 AND {OPEN} AND next_attempt <= ?3 \
-             AND (lease_until IS NULL OR lease_until < ?3) \
-             ORDER BY next_attempt, id LIMIT ?4) \
+         WHERE id IN (SELECT id FROM recipients WHERE {due} AND message_id IN \
+             (SELECT message_id FROM recipients WHERE {due} \
+              GROUP BY message_id ORDER BY MIN(next_attempt) LIMIT ?4)) \
          RETURNING id"
     );
     let rows = sqlx::query(&sql)
@@ -33,20 +37,19 @@ pub(super) async fn claim_rows(
         .bind(timestamp(now))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .bind(lane.as_str())
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(|r| r.try_get::<i64, _>(0)).collect()
 }
 
 /// The claimed recipients' messages with bodies, each with only its claimed recipients.
 pub(super) async fn claimed_messages(
-    pool: &SqlitePool,
+    tx: &mut SqliteConnection,
     ids: &[i64],
 ) -> Result<Vec<StoredMessage>, QueueError> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut tx = pool.begin().await?;
     let placeholders = vec!["?"; ids.len()].join(",");
     let sql = format!(
         "SELECT {} FROM recipients WHERE id IN ({placeholders}) ORDER BY message_id, id",
@@ -70,7 +73,6 @@ pub(super) async fn claimed_messages(
             message.recipients.push(read::recipient(row)?);
         }
     }
-    tx.commit().await?;
     Ok(out)
 }
 
