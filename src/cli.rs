@@ -463,8 +463,12 @@ async fn queue_bounce(queue: &Queue, loaded: &Loaded, id: &MessageId) -> anyhow:
             open.len(),
             message.sender
         ),
-        None => println!(
-            "{id}: {} recipient(s) failed; no DSN (null sender)",
+        None if message.sender.is_empty() => println!(
+            "{id}: {} recipient(s) failed; no DSN (the message came from the null sender)",
+            open.len()
+        ),
+        None => eprintln!(
+            "{id}: {} recipient(s) failed; the DSN could not be queued (see the log above)",
             open.len()
         ),
     }

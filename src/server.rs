@@ -73,6 +73,7 @@ pub async fn serve(
     let acceptor = tls::acceptor(&cfg.tls, &cfg.server.hostname)?;
     let listeners = Listeners::bind(&cfg.listeners, acceptor.is_some()).await?;
     let addresses = listeners.addresses();
+    let deliverer = deliverer(&loaded, queue.clone(), audit.clone())?;
     audit
         .record(AuditEvent::ServiceStarted {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -92,7 +93,6 @@ pub async fn serve(
         queue: queue.clone(),
         audit: audit.clone(),
     });
-    let deliverer = deliverer(&loaded, queue.clone(), audit.clone())?;
     let shutdown = Shutdown::new();
     let accepting = tokio::spawn(listeners.run(ctx, shutdown.signal(), shutdown.guard()));
     let grace = cfg.server.shutdown_grace;

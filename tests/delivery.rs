@@ -68,6 +68,10 @@ async fn delivers_over_starttls_to_the_preferred_mx() {
     let m = queue.iter().find(|m| m["id"] == id.as_str()).unwrap();
     assert_eq!(m["recipients"][0]["status"], "delivered");
     assert_eq!(m["recipients"][0]["attempts"], 1);
+    // Delivered everywhere: the queue keeps the envelope, not the content.
+    let out = relay.cli(&["queue", "show", &id, "--body", "--config", "sealpost.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("erased"), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,6 +69,9 @@ fn check_delivery(delivery: &crate::config::Delivery, out: &mut Findings) {
         }
     }
     let at = section("delivery");
+    if let Some(message) = delivery.helo_name.as_deref().and_then(hostname_problem) {
+        out.error(at.key("helo_name"), message);
+    }
     if delivery.workers == 0 {
         out.error(at.key("workers"), "must be at least 1".to_string());
     }

@@ -93,7 +93,7 @@ impl Deliverer {
             id: rcpt.id,
             status,
             next_attempt: next,
-            last_reply: Some(format!("{} {}", outcome.enhanced, outcome.reason)),
+            last_reply: Some(with_code(outcome)),
             attempted: true,
             warned: false,
         };
@@ -128,9 +128,9 @@ impl Deliverer {
                         vec![AuditEvent::DeliveryDeferred {
                             queue_id: id,
                             recipient: address,
-                            reason: format!("{} {}", outcome.enhanced, outcome.reason),
+                            reason: with_code(outcome),
                             attempts,
-                            next_attempt: next.to_rfc3339(),
+                            next_attempt: next.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                         }],
                     ),
                     None => {
@@ -172,6 +172,15 @@ impl Deliverer {
         if let Err(e) = self.audit.record(event).await {
             tracing::error!(error = %e, "audit record failed");
         }
+    }
+}
+
+/// The reason with its enhanced code in front, unless it is a remote reply that has it already.
+fn with_code(outcome: &Outcome) -> String {
+    if outcome.reason.starts_with(|c: char| c.is_ascii_digit()) {
+        outcome.reason.clone()
+    } else {
+        format!("{} {}", outcome.enhanced, outcome.reason)
     }
 }
 

@@ -48,6 +48,9 @@ pub enum QueueError {
         count: usize,
         cause: Arc<sqlx::Error>,
     },
+    /// The body was erased when the message's last recipient was delivered or failed.
+    #[error("the body of {0} was erased after its last recipient was delivered or failed")]
+    Erased(String),
     /// The store's writer has stopped (shutting down).
     #[error("queue is shut down")]
     Closed,
@@ -299,6 +302,9 @@ impl Queue {
             id: message.id.to_string(),
             reason: "no body stored".to_string(),
         })?;
+        if body.ciphertext.is_empty() {
+            return Err(QueueError::Erased(message.id.to_string()));
+        }
         Ok(self.keys.open(&message.id, body)?)
     }
 

@@ -148,8 +148,33 @@ pub(super) async fn finish(
             .await?;
         changed += done.rows_affected();
     }
+    erase_finished_bodies(&mut tx, updates).await?;
     tx.commit().await?;
     Ok(changed)
+}
+
+/// Erases the (sealed) body of every message touched by `updates` that has no open recipient
+/// left: once a message is delivered, failed or dropped everywhere, no copy of its content
+/// stays in the queue. The envelope row stays for `queue list` and the audit trail.
+async fn erase_finished_bodies(
+    conn: &mut SqliteConnection,
+    updates: &[RecipientUpdate],
+) -> Result<(), sqlx::Error> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let placeholders = vec!["?"; updates.len()].join(",");
+    let sql = format!(
+        "UPDATE messages SET body = x'' WHERE length(body) > 0 AND id IN \
+             (SELECT message_id FROM recipients WHERE id IN ({placeholders})) \
+         AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = messages.id AND r.{OPEN})"
+    );
+    let mut query = sqlx::query(&sql);
+    for u in updates {
+        query = query.bind(u.id);
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Makes open recipients due now.
