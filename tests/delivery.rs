@@ -71,7 +71,10 @@ async fn delivers_over_starttls_to_the_preferred_mx() {
     // Delivered everywhere: the queue keeps the envelope, not the content.
     let out = relay.cli(&["queue", "show", &id, "--body", "--config", "sealpost.toml"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("erased"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("erased"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -385,6 +385,25 @@ async fn concurrent_enqueues_are_group_committed() {
     queue.close().await;
 }
 
+async fn claim(
+    queue: &Queue,
+    owner: &str,
+    now: chrono::DateTime<Utc>,
+    lease_until: chrono::DateTime<Utc>,
+    limit: usize,
+) -> Result<Vec<sealpost::queue::StoredMessage>, QueueError> {
+    queue
+        .claim(&sealpost::queue::Claim {
+            lane: sealpost::queue::Lane::Transactional,
+            owner,
+            now,
+            lease_until,
+            limit,
+            skip_domains: &[],
+        })
+        .await
+}
+
 /// Claims are exclusive while their lease lasts, come back when it runs out (a crashed
 /// worker), and outcomes, retry and delete change what is due.
 #[tokio::test]
@@ -401,55 +420,29 @@ async fn claims_leases_outcomes_retry_and_delete() {
     }
     let now = Utc::now() + chrono::Duration::seconds(1);
     let lease = now + chrono::Duration::minutes(10);
-    let a = queue
-        .claim(
-            sealpost::queue::Lane::Transactional,
-            "node-a",
-            now,
-            lease,
-            2,
-        )
-        .await
-        .unwrap();
+    let a = claim(&queue, "node-a", now, lease, 2).await.unwrap();
     assert_eq!(a.len(), 2);
     assert!(a
         .iter()
         .all(|m| m.body.is_some() && m.recipients.len() == 1));
-    let b = queue
-        .claim(
-            sealpost::queue::Lane::Transactional,
-            "node-b",
-            now,
-            lease,
-            10,
-        )
-        .await
-        .unwrap();
+    let b = claim(&queue, "node-b", now, lease, 10).await.unwrap();
     assert_eq!(b.len(), 1, "only the unclaimed recipient");
-    assert!(queue
-        .claim(
-            sealpost::queue::Lane::Transactional,
-            "node-b",
-            now,
-            lease,
-            10
-        )
+    assert!(claim(&queue, "node-b", now, lease, 10)
         .await
         .unwrap()
         .is_empty());
 
     // node-a crashes: after its lease, its recipients are claimable again.
     let later = lease + chrono::Duration::seconds(1);
-    let again = queue
-        .claim(
-            sealpost::queue::Lane::Transactional,
-            "node-c",
-            later,
-            later + chrono::Duration::minutes(10),
-            10,
-        )
-        .await
-        .unwrap();
+    let again = claim(
+        &queue,
+        "node-c",
+        later,
+        later + chrono::Duration::minutes(10),
+        10,
+    )
+    .await
+    .unwrap();
     assert_eq!(again.len(), 3, "expired leases of a and b come back");
 
     // Outcomes: one delivered, one deferred an hour ahead, one failed.
@@ -474,11 +467,7 @@ async fn claims_leases_outcomes_retry_and_delete() {
     assert_eq!(queue.finish(None, &outcomes[..1]).await.unwrap(), 0);
     assert_eq!(queue.finish(Some("node-c"), &outcomes).await.unwrap(), 3);
     let soon = later + chrono::Duration::minutes(1);
-    assert!(queue
-        .claim(sealpost::queue::Lane::Transactional, "n", soon, soon, 10)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(claim(&queue, "n", soon, soon, 10).await.unwrap().is_empty());
     let listed = queue.list().await.unwrap();
     let deferred = listed
         .iter()
@@ -491,14 +480,7 @@ async fn claims_leases_outcomes_retry_and_delete() {
     assert_eq!(queue.retry(None).await.unwrap(), 1);
     let due = Utc::now() + chrono::Duration::seconds(1);
     assert_eq!(
-        queue
-            .claim(
-                sealpost::queue::Lane::Transactional,
-                "n",
-                due,
-                due + chrono::Duration::minutes(1),
-                10
-            )
+        claim(&queue, "n", due, due + chrono::Duration::minutes(1), 10)
             .await
             .unwrap()
             .len(),
@@ -509,5 +491,37 @@ async fn claims_leases_outcomes_retry_and_delete() {
     assert!(queue.delete(&ids[0]).await.unwrap());
     assert!(!queue.delete(&ids[0]).await.unwrap());
     assert_eq!(queue.list().await.unwrap().len(), 2);
+    queue.close().await;
+}
+
+/// Saturated domains are left out of a claim; other domains are not held up by them.
+#[tokio::test]
+async fn claims_skip_saturated_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = Arc::new(keyring(dir.path()));
+    let (queue, _store) = open_queue(dir.path(), ring).await;
+    queue
+        .enqueue(envelope(&["a@busy.example"], 10), body("skip", 10))
+        .await
+        .unwrap();
+    queue
+        .enqueue(envelope(&["b@idle.example"], 10), body("skip", 10))
+        .await
+        .unwrap();
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let busy = vec!["busy.example".to_string()];
+    let claimed = queue
+        .claim(&sealpost::queue::Claim {
+            lane: sealpost::queue::Lane::Transactional,
+            owner: "n#1",
+            now,
+            lease_until: now + chrono::Duration::minutes(1),
+            limit: 10,
+            skip_domains: &busy,
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].recipients[0].domain, "idle.example");
     queue.close().await;
 }

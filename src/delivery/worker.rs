@@ -14,7 +14,7 @@ use crate::audit::AuditLog;
 use crate::config;
 use crate::dns::Dns;
 use crate::policy::Policy;
-use crate::queue::{Lane, Queue, StoredMessage, StoredRecipient};
+use crate::queue::{Claim, Lane, Queue, StoredMessage, StoredRecipient};
 use crate::shutdown::Signal;
 
 use super::mx::{RouteError, Routes};
@@ -171,17 +171,41 @@ impl Deliverer {
             return (token, Vec::new());
         }
         let now = Utc::now();
-        match self
-            .queue
-            .claim(lane, &token, now, now + self.lease(), free)
-            .await
-        {
+        let skip = self.saturated_domains();
+        let claim = Claim {
+            lane,
+            owner: &token,
+            now,
+            lease_until: now + self.lease(),
+            limit: free,
+            skip_domains: &skip,
+        };
+        match self.queue.claim(&claim).await {
             Ok(claimed) => (token, claimed),
             Err(e) => {
                 tracing::error!(error = %e, lane = lane.as_str(), "claiming due recipients failed");
                 (token, Vec::new())
             }
         }
+    }
+
+    /// Domains with no free connection slot or whose rate slot is still ahead: claiming
+    /// their mail now would only park workers.
+    fn saturated_domains(&self) -> Vec<String> {
+        let mut out: Vec<String> = {
+            let map = self.per_domain.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter()
+                .filter(|(_, s)| s.available_permits() == 0)
+                .map(|(d, _)| d.clone())
+                .collect()
+        };
+        let now = tokio::time::Instant::now();
+        for (domain, (_, next)) in &self.rates {
+            if *next.lock().unwrap_or_else(|e| e.into_inner()) > now {
+                out.push(domain.clone());
+            }
+        }
+        out
     }
 
     fn lease(&self) -> chrono::Duration {

@@ -205,14 +205,7 @@ pub trait Store: Send + Sync + 'static {
     /// up to `limit` messages for `owner` until `lease_until`, atomically: two workers never claim the same
     /// recipient while its lease lasts. Returns their messages (with bodies), each carrying only
     /// its claimed recipients. A crashed owner's recipients come back once the lease runs out.
-    async fn claim(
-        &self,
-        lane: Lane,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>, QueueError>;
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Vec<StoredMessage>, QueueError>;
     /// Releases every lease held by node `owner` (lease tokens `owner` and `owner#…`): a node
     /// restarting after a crash takes its unfinished recipients back at once instead of
     /// waiting for the leases to run out.
@@ -241,6 +234,20 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, id: &MessageId) -> Result<bool, QueueError>;
     /// Finishes pending commits and stops background work.
     async fn close(&self);
+}
+
+/// What a delivery worker asks the store for.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    pub lane: Lane,
+    /// Lease token.
+    pub owner: &'a str,
+    pub now: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
+    /// Most messages to claim.
+    pub limit: usize,
+    /// Recipient domains to leave alone for now (no free connection or rate slot).
+    pub skip_domains: &'a [String],
 }
 
 /// The outcome of one attempt for one recipient, as the store records it.
@@ -308,15 +315,8 @@ impl Queue {
         Ok(self.keys.open(&message.id, body)?)
     }
 
-    pub async fn claim(
-        &self,
-        lane: Lane,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>, QueueError> {
-        self.store.claim(lane, owner, now, lease_until, limit).await
+    pub async fn claim(&self, claim: &Claim<'_>) -> Result<Vec<StoredMessage>, QueueError> {
+        self.store.claim(claim).await
     }
 
     pub async fn release(&self, owner: &str) -> Result<u64, QueueError> {

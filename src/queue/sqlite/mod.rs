@@ -191,17 +191,13 @@ impl Store for SqliteStore {
 
     async fn claim(
         &self,
-        lane: crate::queue::Lane,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: usize,
+        claim: &crate::queue::Claim<'_>,
     ) -> Result<Vec<StoredMessage>, QueueError> {
         // Lease and read in one IMMEDIATE transaction: if reading fails, no lease is left
         // behind to strand the recipients until it runs out.
         let mut conn = self.readers.acquire().await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let ids = work::claim_rows(&mut tx, lane, owner, &now, &lease_until, limit).await?;
+        let ids = work::claim_rows(&mut tx, claim).await?;
         let claimed = work::claimed_messages(&mut tx, &ids).await?;
         tx.commit().await?;
         Ok(claimed)

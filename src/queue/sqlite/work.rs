@@ -13,16 +13,15 @@ const OPEN: &str = "status IN ('queued', 'deferred')";
 /// Claims the due recipients of up to `limit` messages; returns their row ids.
 pub(super) async fn claim_rows(
     conn: &mut SqliteConnection,
-    lane: crate::queue::Lane,
-    owner: &str,
-    now: &DateTime<Utc>,
-    lease_until: &DateTime<Utc>,
-    limit: usize,
+    claim: &crate::queue::Claim<'_>,
 ) -> Result<Vec<i64>, sqlx::Error> {
     // Whole messages: every due recipient of up to `limit` messages, so one message's
-    // recipients at one destination travel in one transaction.
+    // recipients at one destination travel in one transaction. Saturated domains (a JSON
+    // array in ?6) are left for later, so their backlog never ties up the workers.
     let due = format!(
-        "lane = ?5 AND {OPEN} AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3)"
+        "lane = ?5 AND {OPEN} AND next_attempt <= ?3 \
+         AND (lease_until IS NULL OR lease_until < ?3) \
+         AND domain NOT IN (SELECT value FROM json_each(?6))"
     );
     let sql = format!(
         "UPDATE recipients SET lease_owner = ?1, lease_until = ?2 \
@@ -31,12 +30,14 @@ pub(super) async fn claim_rows(
               GROUP BY message_id ORDER BY MIN(next_attempt) LIMIT ?4)) \
          RETURNING id"
     );
+    let skip = serde_json::to_string(claim.skip_domains).unwrap_or_else(|_| "[]".to_string());
     let rows = sqlx::query(&sql)
-        .bind(owner)
-        .bind(timestamp(lease_until))
-        .bind(timestamp(now))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(lane.as_str())
+        .bind(claim.owner)
+        .bind(timestamp(&claim.lease_until))
+        .bind(timestamp(&claim.now))
+        .bind(i64::try_from(claim.limit).unwrap_or(i64::MAX))
+        .bind(claim.lane.as_str())
+        .bind(skip)
         .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(|r| r.try_get::<i64, _>(0)).collect()
