@@ -53,6 +53,12 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Close what has idled too long anywhere, so connections to destinations that get no
+        // more mail do not stay open until shutdown.
+        for list in idle.values_mut() {
+            list.retain_mut(|entry| entry.since.elapsed() < IDLE);
+        }
+        idle.retain(|_, list| !list.is_empty());
         let key = (addr, host.to_string(), tls.to_string());
         idle.entry(key).or_default().push(Idle {
             conn,

@@ -193,7 +193,9 @@ impl Deliverer {
     /// their mail now would only park workers.
     fn saturated_domains(&self) -> Vec<String> {
         let mut out: Vec<String> = {
-            let map = self.per_domain.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.per_domain.lock().unwrap_or_else(|e| e.into_inner());
+            // Forget idle domains (nobody else holds their semaphore).
+            map.retain(|_, s| Arc::strong_count(s) > 1);
             map.iter()
                 .filter(|(_, s)| s.available_permits() == 0)
                 .map(|(d, _)| d.clone())
