@@ -448,3 +448,21 @@ async fn stored_body_is_unstuffed_and_stamped() {
         "{body:?}"
     );
 }
+
+/// Data whose first line starts with white space would continue our own `Received:` header.
+#[tokio::test]
+async fn data_cannot_fold_into_the_received_header() {
+    let relay = Relay::start(Options::default());
+    let mut c = relay.connect().await;
+    c.cmd(EHLO, GREETS).await;
+    c.cmd("MAIL FROM:<a@example.org>", "250").await;
+    c.cmd("RCPT TO:<b@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(" forged-hop (attacker)\r\nSubject: x\r\n\r\nx\r\n")
+        .await;
+    assert_eq!(
+        c.cmd(".", "550").await,
+        "550 5.6.0 Message starts with a folded header line"
+    );
+    assert!(relay.queue_json().is_empty());
+}

@@ -107,13 +107,27 @@ pub fn header_block(message: &[u8]) -> &[u8] {
     let mut start = 0;
     loop {
         let rest = message.get(start..).unwrap_or_default();
-        if rest.starts_with(b"\r\n") || rest.starts_with(b"\n") {
+        // The block also ends at the first line that is neither a header field nor a folded
+        // continuation: in a message without a blank line, body text is never taken for headers.
+        if rest.starts_with(b"\r\n") || rest.starts_with(b"\n") || !header_line(rest) {
             return message.get(..start).unwrap_or(message);
         }
         match memchr::memchr(b'\n', rest) {
             Some(at) => start += at + 1,
             None => return message,
         }
+    }
+}
+
+/// A header field line (`name:` with printable name characters) or a continuation line.
+fn header_line(line: &[u8]) -> bool {
+    if line.is_empty() || matches!(line[0], b' ' | b'\t') {
+        return true;
+    }
+    match line.iter().position(|b| *b == b':') {
+        // Printable field names; 8-bit bytes are tolerated (seen in the wild, RFC 6532 values).
+        Some(colon) if colon > 0 => line[..colon].iter().all(|b| *b >= 33),
+        _ => false,
     }
 }
 

@@ -74,6 +74,13 @@ impl Session {
         mut body: Vec<u8>,
         header_len: usize,
     ) -> Option<Next> {
+        // A first line starting with white space would fold into our own `Received:` header.
+        if matches!(body.get(header_len), Some(b' ' | b'\t')) {
+            let reply = Reply::new(550, "5.6.0", "Message starts with a folded header line");
+            return self
+                .reject(conn, "data", &reply, Some(tx.sender), None)
+                .await;
+        }
         let lane = match take_lane(&mut body, header_len) {
             Ok(lane) => lane,
             Err(reason) => {
