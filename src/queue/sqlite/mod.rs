@@ -43,6 +43,9 @@ pub struct SqliteStore {
     /// Sender to the writer task; `None` once closed.
     writer: Mutex<Option<mpsc::Sender<InsertRequest>>>,
     task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Sender to the outcome group-commit task; `None` once closed.
+    finisher: Mutex<Option<mpsc::Sender<work::FinishRequest>>>,
+    finisher_task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     /// Transactions committed by the writer task.
     commits: Arc<AtomicU64>,
 }
@@ -67,11 +70,15 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(max_batch * 2);
         let commits = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run_writer(conn, rx, max_batch, commits.clone()));
+        let (finish_tx, finish_rx) = mpsc::channel(256);
+        let finisher_task = tokio::spawn(work::run_finisher(readers.clone(), finish_rx));
         Ok(SqliteStore {
             path: path.to_path_buf(),
             readers,
             writer: Mutex::new(Some(tx)),
             task: tokio::sync::Mutex::new(Some(task)),
+            finisher: Mutex::new(Some(finish_tx)),
+            finisher_task: tokio::sync::Mutex::new(Some(finisher_task)),
             commits,
         })
     }
@@ -222,7 +229,25 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         updates: &[crate::queue::RecipientUpdate],
     ) -> Result<u64, QueueError> {
-        Ok(work::finish(&self.readers, owner, &now, updates).await?)
+        let finisher = self
+            .finisher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(QueueError::Closed)?;
+        let (done, answer) = oneshot::channel();
+        let request = work::FinishRequest {
+            owner: owner.map(str::to_string),
+            now,
+            updates: updates.to_vec(),
+            done,
+        };
+        finisher
+            .send(request)
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        drop(finisher);
+        answer.await.map_err(|_| QueueError::Closed)?
     }
 
     async fn retry(&self, id: Option<&MessageId>, now: DateTime<Utc>) -> Result<u64, QueueError> {
@@ -234,6 +259,17 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        drop(
+            self.finisher
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        if let Some(task) = self.finisher_task.lock().await.take() {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "queue finisher task failed");
+            }
+        }
         drop(
             self.writer
                 .lock()

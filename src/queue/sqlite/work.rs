@@ -23,11 +23,15 @@ pub(super) async fn claim_rows(
          AND (lease_until IS NULL OR lease_until < ?3) \
          AND domain NOT IN (SELECT value FROM json_each(?6))"
     );
+    // Oldest rows first (row ids grow with arrival) and bounded scans: the inner query stops
+    // after a few rows per wanted message, the update finds rows by message id, so a claim
+    // costs the same with 10 or 100,000 messages queued.
     let sql = format!(
         "UPDATE recipients SET lease_owner = ?1, lease_until = ?2 \
-         WHERE id IN (SELECT id FROM recipients WHERE {due} AND message_id IN \
-             (SELECT message_id FROM recipients WHERE {due} \
-              GROUP BY message_id ORDER BY MIN(next_attempt) LIMIT ?4)) \
+         WHERE {due} AND message_id IN \
+             (SELECT DISTINCT message_id FROM \
+                 (SELECT message_id FROM recipients WHERE {due} ORDER BY id LIMIT ?4 * 4) \
+              LIMIT ?4) \
          RETURNING id"
     );
     let skip = serde_json::to_string(claim.skip_domains).unwrap_or_else(|_| "[]".to_string());
@@ -111,9 +115,10 @@ pub(super) async fn extend(
     Ok(())
 }
 
-/// Records outcomes and releases leases in one transaction; only rows the caller may change.
-pub(super) async fn finish(
-    pool: &SqlitePool,
+/// Records outcomes and releases leases inside the caller's transaction; only rows the caller
+/// may change.
+async fn finish(
+    conn: &mut SqliteConnection,
     owner: Option<&str>,
     now: &DateTime<Utc>,
     updates: &[RecipientUpdate],
@@ -132,8 +137,6 @@ pub(super) async fn finish(
          lease_owner = NULL, lease_until = NULL WHERE id = ?5 AND {guard}"
     );
     let now = timestamp(now);
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let mut changed = 0;
     for u in updates {
         let done = sqlx::query(&sql)
@@ -145,13 +148,72 @@ pub(super) async fn finish(
             .bind(i64::from(u.warned))
             .bind(owner)
             .bind(&now)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
         changed += done.rows_affected();
     }
-    erase_finished_bodies(&mut tx, updates).await?;
-    tx.commit().await?;
+    erase_finished_bodies(conn, updates).await?;
     Ok(changed)
+}
+
+/// One outcome report waiting for the finisher task.
+pub(super) struct FinishRequest {
+    pub owner: Option<String>,
+    pub now: DateTime<Utc>,
+    pub updates: Vec<RecipientUpdate>,
+    pub done: tokio::sync::oneshot::Sender<Result<u64, QueueError>>,
+}
+
+/// Group commit for outcomes: the finisher takes one request, drains what else is waiting,
+/// applies all in one `BEGIN IMMEDIATE` transaction (one fsync) and answers each with the rows
+/// it changed. On failure every request in the batch gets the error (nothing was applied).
+pub(super) async fn run_finisher(
+    pool: SqlitePool,
+    mut rx: tokio::sync::mpsc::Receiver<FinishRequest>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < FINISH_BATCH {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        match finish_batch(&pool, &batch).await {
+            Ok(counts) => {
+                for (request, n) in batch.drain(..).zip(counts) {
+                    let _ = request.done.send(Ok(n));
+                }
+            }
+            Err(e) => {
+                let count = batch.len();
+                tracing::error!(error = %e, requests = count, "recording delivery outcomes failed");
+                let shared = Arc::new(e);
+                for request in batch.drain(..) {
+                    let _ = request.done.send(Err(QueueError::Batch {
+                        count,
+                        cause: shared.clone(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Most outcome reports applied in one transaction.
+const FINISH_BATCH: usize = 256;
+
+async fn finish_batch(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<u64>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let mut counts = Vec::with_capacity(batch.len());
+    for request in batch {
+        let owner = request.owner.as_deref();
+        counts.push(finish(&mut tx, owner, &request.now, &request.updates).await?);
+    }
+    tx.commit().await?;
+    Ok(counts)
 }
 
 /// Erases the (sealed) body of every message touched by `updates` that has no open recipient
