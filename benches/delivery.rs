@@ -27,9 +27,10 @@
 //! Output: a `delivery:` summary line and a machine-readable line
 //! `RESULT <mta>_msgs_per_sec=<x> cpu_per_1000=<y> tls_messages=<t> messages=<n>`.
 
-use std::io::{BufRead, BufReader as StdBufReader};
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -290,29 +291,7 @@ nameservers = ["127.0.0.1:9"]
 
 /// Starts the release binary in `dir`; returns it and its SMTP listener.
 fn start_sealpost(dir: &std::path::Path, sink: SocketAddr) -> (Child, SocketAddr) {
-    std::fs::write(dir.join("sealpost.toml"), config(sink)).unwrap();
-    std::fs::write(
-        dir.join("policy.toml"),
-        "[defaults]\nmode = \"opportunistic\"\n",
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
-        .args(["serve", "--config", "sealpost.toml"])
-        .current_dir(dir)
-        .env("SEALPOST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = StdBufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("relay started").unwrap();
-        if let Some(rest) = line.strip_prefix("sealpost: listening on ") {
-            break rest.split(' ').next().unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    support::start_sealpost(dir, &config(sink))
 }
 
 /// Fields 14–17 of /proc/PID/stat (utime, stime, cutime, cstime) in seconds: the process's own

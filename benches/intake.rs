@@ -5,9 +5,9 @@
 //! `cargo bench --bench intake` (env: SEALPOST_BENCH_SESSIONS, default 50;
 //! SEALPOST_BENCH_MESSAGES, total messages, default 20000; SEALPOST_BENCH_SIZE, default 10240).
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
@@ -46,29 +46,7 @@ nameservers = ["127.0.0.1:9"]
 "#;
 
 fn start(dir: &std::path::Path) -> (std::process::Child, SocketAddr) {
-    std::fs::write(dir.join("sealpost.toml"), CONFIG).unwrap();
-    std::fs::write(
-        dir.join("policy.toml"),
-        "[defaults]\nmode = \"opportunistic\"\n",
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
-        .args(["serve", "--config", "sealpost.toml"])
-        .current_dir(dir)
-        .env("SEALPOST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("relay started").unwrap();
-        if let Some(rest) = line.strip_prefix("sealpost: listening on ") {
-            break rest.split(' ').next().unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    support::start_sealpost(dir, CONFIG)
 }
 
 async fn reply(r: &mut TokioBufReader<TcpStream>) -> String {
