@@ -268,9 +268,15 @@ async fn queue(config_path: &Path, command: QueueCommand) -> anyhow::Result<i32>
     let store = SqliteStore::open(&cfg.queue.path, 1).await?;
     let queue = Queue::new(Arc::new(store), Arc::new(keyring));
     let code = match command {
-        QueueCommand::List { json } => queue_list(&queue, json).await?,
+        QueueCommand::List { json } => {
+            // Envelopes name patients' correspondents: reading them is an access to record.
+            admin_record(&cfg.audit.path, "list", None, 0).await?;
+            queue_list(&queue, json).await?
+        }
         QueueCommand::Show { id, body } => {
-            queue_show(&queue, &cfg.audit.path, &MessageId::from_string(id), body).await?
+            let id = MessageId::from_string(id);
+            admin_record(&cfg.audit.path, "show", Some(id.clone()), 0).await?;
+            queue_show(&queue, &cfg.audit.path, &id, body).await?
         }
         QueueCommand::Retry { id, all } => {
             let id = id.map(MessageId::from_string);
@@ -291,9 +297,10 @@ async fn queue(config_path: &Path, command: QueueCommand) -> anyhow::Result<i32>
                 eprintln!("no message {id} in the queue");
                 return Ok(1);
             };
-            queue.delete(&id).await?;
             let n = message.recipients.len() as u64;
+            // Recorded first: a deletion the audit log cannot record does not happen.
             admin_record(&cfg.audit.path, "delete", Some(id.clone()), n).await?;
+            queue.delete(&id).await?;
             println!("deleted {id} ({n} recipient(s))");
             0
         }

@@ -149,7 +149,8 @@ pub enum AuditEvent {
         recipient: String,
         age_secs: u64,
     },
-    /// An operator acted on the queue (`queue retry`, `queue bounce`, `queue delete`).
+    /// An operator looked at or acted on the queue (`queue list`, `show`, `retry`, `bounce`,
+    /// `delete`); `recipients` counts those acted on (0 for list and show).
     #[serde(rename = "admin.queue")]
     AdminQueue {
         action: String,
