@@ -236,6 +236,37 @@ fn policy_semantics_are_checked() {
 }
 
 #[test]
+fn modes_not_acted_on_yet_are_warned_about() {
+    let policy = "[defaults]\nmode = \"portal\"\non_failure = \"bounce\"\n";
+    let fixture = Fixture::new(GOOD_CONFIG, policy);
+    // Warnings only: the relay would start.
+    let problems = fixture
+        .load()
+        .expect("warnings do not stop the relay")
+        .warnings;
+    let expected = vec![
+        (
+            Severity::Warning,
+            fixture.policy.clone(),
+            "defaults.mode".to_string(),
+            2,
+        ),
+        (
+            Severity::Warning,
+            fixture.policy.clone(),
+            "defaults.on_failure".to_string(),
+            3,
+        ),
+    ];
+    assert_eq!(summary(&problems), expected, "{problems:#?}");
+    assert!(
+        problems[0].message.contains("held"),
+        "{}",
+        problems[0].message
+    );
+}
+
+#[test]
 fn a_missing_policy_file_is_reported_at_server_policy() {
     let fixture = Fixture::new(GOOD_CONFIG, GOOD_POLICY);
     std::fs::remove_file(&fixture.policy).unwrap();

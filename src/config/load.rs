@@ -463,6 +463,9 @@ fn load_policy(path: &Path, config: &mut Findings) -> PolicyOutcome {
         for (path, message) in crate::policy::validate(policy) {
             findings.error(KeyPath::parse(&path), message);
         }
+        for (path, message) in crate::policy::not_yet(policy) {
+            findings.warn(KeyPath::parse(&path), message);
+        }
     }
     PolicyOutcome {
         problems: source.problems(findings),

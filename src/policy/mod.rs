@@ -181,6 +181,40 @@ pub fn validate(file: &PolicyFile) -> Vec<(String, String)> {
     problems
 }
 
+/// Settings that are accepted but not acted on yet, as (key path, warning) for `check`.
+pub fn not_yet(file: &PolicyFile) -> Vec<(String, String)> {
+    let d = &file.defaults;
+    let mut out = Vec::new();
+    match d.mode {
+        Mode::Portal => out.push((
+            "defaults.mode".to_string(),
+            "the pickup portal does not exist yet: `portal` mail is held in the queue (never sent \
+             by SMTP) until it expires with a DSN"
+                .to_string(),
+        )),
+        Mode::TlsExclusive => out.push((
+            "defaults.mode".to_string(),
+            "`tls-exclusive` does not drop yet: without TLS the mail is deferred and retried, \
+             like `require-tls`"
+                .to_string(),
+        )),
+        _ => {}
+    }
+    // `plaintext` with a TLS-requiring mode is already an error from `validate`.
+    let acted_on = matches!(
+        d.on_failure,
+        FailureAction::Defer | FailureAction::Plaintext
+    );
+    if d.mode != Mode::Opportunistic && !acted_on {
+        out.push((
+            "defaults.on_failure".to_string(),
+            "`on_failure` is not acted on yet: when TLS cannot be had the mail is deferred"
+                .to_string(),
+        ));
+    }
+    out
+}
+
 /// Reads a policy file's text (parsing and diagnostics live in `config::load`).
 pub fn read_text(path: &Path) -> std::io::Result<String> {
     std::fs::read_to_string(path)
