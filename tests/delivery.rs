@@ -39,18 +39,10 @@ async fn delivers_over_starttls_to_the_preferred_mx() {
     );
     assert!(body.contains("Received: from app.test"));
 
-    let delivered = relay
-        .wait_audit("delivery.delivered", |e| {
-            e["event"] == "delivery.delivered" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    let delivered = relay.wait_event("delivery.delivered", &id).await;
     assert_eq!(delivered["recipient"], "pat@example.test");
     assert_eq!(delivered["mx_host"], "mx1.example.test");
-    let attempt = relay
-        .wait_audit("delivery.attempt", |e| {
-            e["event"] == "delivery.attempt" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    let attempt = relay.wait_event("delivery.attempt", &id).await;
     let tls = &attempt["tls"];
     assert!(
         tls["version"].as_str().unwrap().starts_with("TLSv1."),
@@ -166,11 +158,7 @@ async fn one_refused_recipient_fails_with_a_dsn_the_others_are_delivered() {
         "never the original body: {text}"
     );
 
-    let failed = relay
-        .wait_audit("delivery.failed", |e| {
-            e["event"] == "delivery.failed" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    let failed = relay.wait_event("delivery.failed", &id).await;
     assert_eq!(failed["recipient"], "nobody@example.test");
     assert!(failed["enhanced"].as_str().unwrap().starts_with('5'));
     relay
@@ -187,11 +175,7 @@ async fn null_mx_fails_at_once_and_a_dsn_is_never_bounced() {
     let relay = Relay::start(options(&dns, port, ""));
     // From the null sender: the failure must not produce a DSN.
     let id = submit(&relay, "", &["x@nomail.test"], "nullmx").await;
-    let failed = relay
-        .wait_audit("delivery.failed", |e| {
-            e["event"] == "delivery.failed" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    let failed = relay.wait_event("delivery.failed", &id).await;
     assert_eq!(failed["enhanced"], "5.1.10");
     let queue = relay.queue_json();
     assert_eq!(
@@ -223,11 +207,7 @@ async fn temporary_failure_is_deferred_then_retried() {
     .await;
     let relay = Relay::start(options(&dns, port, ""));
     let id = submit(&relay, "app@clinic.test", &["pat@example.test"], "retry").await;
-    let deferred = relay
-        .wait_audit("delivery.deferred", |e| {
-            e["event"] == "delivery.deferred" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    let deferred = relay.wait_event("delivery.deferred", &id).await;
     assert!(
         deferred["reason"].as_str().unwrap().contains("4.3.2"),
         "{deferred}"
@@ -243,11 +223,7 @@ async fn temporary_failure_is_deferred_then_retried() {
     );
     let got = healthy.wait_messages(1).await;
     assert_eq!(got[0].rcpt_to, ["pat@example.test"]);
-    relay
-        .wait_audit("delivered on retry", |e| {
-            e["event"] == "delivery.delivered" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    relay.wait_event("delivery.delivered", &id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,11 +232,7 @@ async fn servfail_defers_with_a_temporary_dns_code() {
     let dns = TestDns::start(Zone::new().servfail("broken.test")).await;
     let relay = Relay::start(options(&dns, port, ""));
     let id = submit(&relay, "app@clinic.test", &["x@broken.test"], "servfail").await;
-    let deferred = relay
-        .wait_audit("delivery.deferred", |e| {
-            e["event"] == "delivery.deferred" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    let deferred = relay.wait_event("delivery.deferred", &id).await;
     assert!(
         deferred["reason"].as_str().unwrap().starts_with("4.4.3"),
         "{deferred}"
@@ -418,10 +390,6 @@ async fn delivers_to_an_ipv6_only_mx() {
     let relay = Relay::start(options(&dns, port, ""));
     let id = submit(&relay, "app@clinic.test", &["pat@example.test"], "v6").await;
     sink.wait_messages(1).await;
-    let attempt = relay
-        .wait_audit("delivery.attempt", |e| {
-            e["event"] == "delivery.attempt" && e["queue_id"] == id.as_str()
-        })
-        .await;
+    let attempt = relay.wait_event("delivery.attempt", &id).await;
     assert_eq!(attempt["ip"], "::1");
 }

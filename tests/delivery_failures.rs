@@ -42,17 +42,13 @@ async fn broken_tls_handshake_falls_back_to_plaintext() {
     .await;
     let got = sink.wait_messages(1).await;
     assert!(!got[0].tls);
-    let attempt = relay
-        .wait_audit("delivery.attempt", |e| event(e, "delivery.attempt", &id))
-        .await;
+    let attempt = relay.wait_event("delivery.attempt", &id).await;
     assert!(attempt["tls"].is_null(), "{attempt}");
     assert!(
         attempt["tls_fallback"].as_str().is_some(),
         "the fallback is recorded: {attempt}"
     );
-    relay
-        .wait_audit("delivered", |e| event(e, "delivery.delivered", &id))
-        .await;
+    relay.wait_event("delivery.delivered", &id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,9 +61,7 @@ async fn connection_dropped_in_data_is_deferred() {
     let dns = TestDns::start(example_zone("127.0.0.2")).await;
     let relay = Relay::start(options(&dns, port, "retry_schedule = [\"1h\"]"));
     let id = submit(&relay, "app@clinic.test", &["pat@example.test"], "drop").await;
-    let deferred = relay
-        .wait_audit("delivery.deferred", |e| event(e, "delivery.deferred", &id))
-        .await;
+    let deferred = relay.wait_event("delivery.deferred", &id).await;
     assert!(
         deferred["reason"].as_str().unwrap().starts_with("4.4.2"),
         "{deferred}"
@@ -90,9 +84,7 @@ async fn silent_server_times_out_and_is_deferred() {
     let extra = "retry_schedule = [\"1h\"]\n\n[delivery.timeouts]\ngreeting = \"1s\"";
     let relay = Relay::start(options(&dns, port, extra));
     let id = submit(&relay, "app@clinic.test", &["pat@example.test"], "hang").await;
-    let deferred = relay
-        .wait_audit("delivery.deferred", |e| event(e, "delivery.deferred", &id))
-        .await;
+    let deferred = relay.wait_event("delivery.deferred", &id).await;
     let reason = deferred["reason"].as_str().unwrap();
     assert!(
         reason.contains("timeout") && reason.contains("greeting"),
@@ -111,9 +103,7 @@ async fn operator_bounce_fails_recipients_and_tells_the_sender() {
     let dns = TestDns::start(example_zone("127.0.0.2")).await;
     let relay = Relay::start(options(&dns, port, "retry_schedule = [\"1h\"]"));
     let id = submit(&relay, "app@clinic.test", &["pat@example.test"], "bounce").await;
-    relay
-        .wait_audit("deferred", |e| event(e, "delivery.deferred", &id))
-        .await;
+    relay.wait_event("delivery.deferred", &id).await;
     let out = relay.cli(&["queue", "bounce", &id, "--config", "sealpost.toml"]);
     assert!(
         out.status.success(),

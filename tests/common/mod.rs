@@ -302,6 +302,12 @@ impl Relay {
         }
     }
 
+    /// Waits for audit event `event` about message `queue_id`.
+    pub async fn wait_event(&self, event: &str, queue_id: &str) -> serde_json::Value {
+        self.wait_audit(event, |e| e["event"] == event && e["queue_id"] == queue_id)
+            .await
+    }
+
     pub async fn connect(&self) -> Client<TcpStream> {
         let stream = TcpStream::connect(self.smtp).await.unwrap();
         let mut c = Client::new(stream);
