@@ -13,6 +13,8 @@
 mod locate;
 #[path = "validate.rs"]
 mod validate;
+#[path = "validate_delivery.rs"]
+mod validate_delivery;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

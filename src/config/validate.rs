@@ -51,73 +51,11 @@ pub(crate) fn config(parts: &Parts, out: &mut Findings) {
         non_empty_path(&audit.path, section("audit").key("path"), out);
     }
     if let Some(delivery) = &parts.delivery {
-        check_delivery(delivery, out);
+        super::validate_delivery::check(delivery, out);
     }
 }
 
-/// Routes and relay host parse; retry settings make sense.
-fn check_delivery(delivery: &crate::config::Delivery, out: &mut Findings) {
-    use crate::delivery::mx::RouteError;
-    if let Err(errors) = crate::delivery::mx::Routes::from_config(delivery) {
-        for e in errors {
-            let key = match &e {
-                RouteError::InvalidNextHop { key, .. }
-                | RouteError::DuplicateDomain { key, .. }
-                | RouteError::InvalidDomain { key, .. } => key.clone(),
-            };
-            out.error(path_of(&key), e.to_string());
-        }
-    }
-    let at = section("delivery");
-    if let Some(message) = delivery.helo_name.as_deref().and_then(hostname_problem) {
-        out.error(at.key("helo_name"), message);
-    }
-    if delivery.workers == 0 {
-        out.error(at.key("workers"), "must be at least 1".to_string());
-    }
-    if delivery.bulk_workers == 0 {
-        out.error(at.key("bulk_workers"), "must be at least 1".to_string());
-    }
-    for (i, rate) in delivery.rates.iter().enumerate() {
-        if rate.per_minute == 0 {
-            let key = at.key("rate").index(i).key("per_minute");
-            out.error(
-                key,
-                "must be at least 1; to hold a domain's mail, use a route".to_string(),
-            );
-        }
-    }
-    if delivery.retry_schedule.is_empty() {
-        out.error(
-            at.key("retry_schedule"),
-            "give at least one wait, e.g. [\"5m\"]".to_string(),
-        );
-    }
-    if delivery.lease < Duration::from_secs(10) {
-        out.error(
-            at.key("lease"),
-            "use at least 10s: a lease shorter than one delivery makes two workers send the same message".to_string(),
-        );
-    }
-}
-
-/// A dotted key path with `[index]` segments, e.g. `delivery.route[2].next_hop`.
-fn path_of(text: &str) -> KeyPath {
-    let mut path = KeyPath::root();
-    for part in text.split('.') {
-        let (name, index) = match part.split_once('[') {
-            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (part, None),
-        };
-        path = path.key(name);
-        if let Some(i) = index {
-            path = path.index(i);
-        }
-    }
-    path
-}
-
-fn section(name: &str) -> KeyPath {
+pub(super) fn section(name: &str) -> KeyPath {
     KeyPath::root().key(name)
 }
 
@@ -139,7 +77,7 @@ fn check_server(server: &Server, out: &mut Findings) {
 }
 
 /// Why `name` cannot be the greeting and EHLO host name, if it cannot.
-fn hostname_problem(name: &str) -> Option<String> {
+pub(super) fn hostname_problem(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some(
             "must not be empty: set the host name used in the greeting and EHLO, \
